@@ -1,0 +1,342 @@
+"""Typed configuration: defaults live here, YAML files hold only what differs, and
+`section.key=value` overrides on the command line win over both.
+
+Every field has a one-line docstring-comment; `lrpt train --help-config` prints them.
+Validation fails with one line naming the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key, type or value in a config file or override."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""  # run directory; empty -> runs/<strategy>-<model>-<timestamp>
+    resume: bool = True  # resume from the latest complete checkpoint in `dir` if one exists
+
+
+@dataclass
+class ModelConfig:
+    name: str = "micro"  # a named size (see trainer/model.py SIZES); fields below override it
+    vocab_size: int = 0  # 0 -> the tokenizer's vocabulary size
+    hidden_size: int = 0  # 0 -> from the named size
+    intermediate_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0  # grouped-query attention; 0 -> from the named size (or num_heads)
+    max_seq_len: int = 0  # RoPE table length; 0 -> data.seq_len
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    init_from: str = ""  # a Hugging Face Llama checkpoint directory to continue pretraining from
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # "embedded" (generated corpus) or a directory from `lrpt data prepare`
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per micro-batch per process
+    num_workers: int = 0
+    embedded_sentences: int = 60000  # size of the generated corpus (source=embedded)
+    embedded_vocab: int = 1024  # BPE vocabulary trained on the generated corpus
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to 2-D parameters only
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak LR
+    decay: str = "cosine"  # cosine | constant
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "full"  # full | lora | relora | switchlora
+    rank: int = 8
+    alpha: float = 32.0  # LoRA scale = alpha / rank (SwitchLoRA uses 1 / rank, as the paper)
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    train_embeddings: bool = True  # the papers keep embeddings, head and norms trainable
+    train_head: bool = True
+    train_norms: bool = True
+    # ReLoRA
+    reset_every: int = 1000  # merge interval in optimizer steps
+    warm_start_steps: int = 0  # full-rank steps before the adapters take over
+    optimizer_reset: str = "magnitude"  # zero | random | magnitude
+    reset_ratio: float = 0.9  # fraction of adapter optimizer state pruned at each merge
+    restart_warmup: int = 100  # linear re-warmup steps after each merge (jagged schedule)
+    # SwitchLoRA
+    switch_interval0: float = 40.0  # initial steps between switches of one vector
+    switch_ratio: float = 0.1  # switching rate decays as 0.3 ** ((t+1) / (ratio * T))
+    switch_decay_base: float = 0.3
+    freeze_steps: int = 5  # counterpart vector frozen this many steps after a switch
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # steps between metrics.jsonl records
+    eval_every: int = 100  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 8
+    blimp_every: int = 0  # steps between minimal-pair evaluations; 0 = only at the end
+    dynamics_every: int = 0  # steps between learning-dynamics records; 0 = never
+    tensorboard: bool = True
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (and always at the end)
+    keep: int = 3  # most recent complete checkpoints kept
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed: str = "none"  # none | zero1 | zero2 | zero3
+    timeout_s: int = 120  # collective timeout: a dead rank makes the others fail, not hang
+    guard_every: int = 50  # steps between cross-rank weight checksums (and after merges/switches)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file (may `include:` other YAML files) <- `a.b=c` overrides."""
+    cfg = Config()
+    if path:
+        apply_dict(cfg, _read_yaml(Path(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        apply_dict(cfg, _nest(key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return cfg.validate()
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    merged: dict = {}
+    includes = data.pop("include", [])
+    for inc in [includes] if isinstance(includes, str) else includes:
+        _deep_merge(merged, _read_yaml((path.parent / inc).resolve()))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _nest(dotted: str, value) -> dict:
+    out: dict = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def apply_dict(obj, data: dict, prefix: str = "") -> None:
+    """Set fields of a (nested) dataclass from a dict, checking names and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            apply_dict(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _coerce(key: str, value, typ):
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return [_coerce(key, v, item_type) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: impossible values stop here, with the key named.
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def _one_of(key: str, value, options) -> None:
+    _check(value in options, key, value, "one of " + ", ".join(map(str, options)))
+
+
+def _validate(c: Config) -> None:
+    from trainer.model import SIZES, model_args  # late: model imports torch
+
+    _one_of("model.name", c.model.name, list(SIZES))
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_seq_len"):
+        _check(getattr(c.model, name) >= 0, f"model.{name}", getattr(c.model, name), ">= 0 (0 = default)")
+    a = model_args(c.model, c.data.seq_len, vocab_size=c.model.vocab_size or 1)
+    _check(a.hidden_size % a.num_heads == 0, "model.hidden_size", a.hidden_size,
+           f"a multiple of model.num_heads={a.num_heads}")
+    _check(a.num_heads % a.num_kv_heads == 0, "model.num_kv_heads", a.num_kv_heads,
+           f"a divisor of model.num_heads={a.num_heads}")
+    _check((a.hidden_size // a.num_heads) % 2 == 0, "model.hidden_size", a.hidden_size,
+           "an even head dimension (RoPE rotates pairs)")
+    _check(a.max_seq_len >= c.data.seq_len, "model.max_seq_len", a.max_seq_len, f">= data.seq_len={c.data.seq_len}")
+    _check(c.model.rope_theta > 0, "model.rope_theta", c.model.rope_theta, "> 0")
+    _check(c.model.norm_eps > 0, "model.norm_eps", c.model.norm_eps, "> 0")
+    _check(c.data.seq_len > 0, "data.seq_len", c.data.seq_len, "> 0")
+    _check(c.data.batch_size > 0, "data.batch_size", c.data.batch_size, "> 0")
+    _check(c.data.embedded_sentences >= 1000, "data.embedded_sentences", c.data.embedded_sentences, ">= 1000")
+    _check(c.data.embedded_vocab >= 300, "data.embedded_vocab", c.data.embedded_vocab, ">= 300 (bytes + merges)")
+    _check(c.optimizer.lr > 0, "optimizer.lr", c.optimizer.lr, "> 0")
+    _check(0 <= c.optimizer.beta1 < 1, "optimizer.beta1", c.optimizer.beta1, "in [0, 1)")
+    _check(0 <= c.optimizer.beta2 < 1, "optimizer.beta2", c.optimizer.beta2, "in [0, 1)")
+    _check(c.optimizer.eps > 0, "optimizer.eps", c.optimizer.eps, "> 0")
+    _check(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", c.optimizer.weight_decay, ">= 0")
+    _check(c.optimizer.grad_clip >= 0, "optimizer.grad_clip", c.optimizer.grad_clip, ">= 0 (0 disables)")
+    _check(c.schedule.warmup_steps >= 0, "schedule.warmup_steps", c.schedule.warmup_steps, ">= 0")
+    _check(0 <= c.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", c.schedule.min_lr_ratio, "in [0, 1]")
+    _one_of("schedule.decay", c.schedule.decay, ["cosine", "constant"])
+    s = c.strategy
+    from trainer.strategies import STRATEGIES  # late: strategies import torch
+
+    _one_of("strategy.name", s.name, sorted(STRATEGIES))
+    _check(s.rank > 0, "strategy.rank", s.rank, "> 0")
+    _check(s.alpha > 0, "strategy.alpha", s.alpha, "> 0")
+    _check(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "in [0, 1)")
+    targets = ["q", "k", "v", "o", "gate", "up", "down"]
+    for t in s.targets:
+        _one_of("strategy.targets", t, targets)
+    _check(len(s.targets) > 0, "strategy.targets", s.targets, "at least one of " + ", ".join(targets))
+    _check(s.reset_every > 0, "strategy.reset_every", s.reset_every, "> 0")
+    _check(s.warm_start_steps >= 0, "strategy.warm_start_steps", s.warm_start_steps, ">= 0")
+    _one_of("strategy.optimizer_reset", s.optimizer_reset, ["zero", "random", "magnitude"])
+    _check(0 <= s.reset_ratio <= 1, "strategy.reset_ratio", s.reset_ratio, "in [0, 1]")
+    _check(s.restart_warmup >= 0, "strategy.restart_warmup", s.restart_warmup, ">= 0")
+    _check(s.restart_warmup < s.reset_every, "strategy.restart_warmup", s.restart_warmup,
+           f"< strategy.reset_every={s.reset_every}")
+    _check(s.switch_interval0 > 0, "strategy.switch_interval0", s.switch_interval0, "> 0")
+    _check(s.switch_ratio > 0, "strategy.switch_ratio", s.switch_ratio, "> 0")
+    _check(0 < s.switch_decay_base < 1, "strategy.switch_decay_base", s.switch_decay_base, "in (0, 1)")
+    _check(s.freeze_steps >= 0, "strategy.freeze_steps", s.freeze_steps, ">= 0")
+    _check(c.train.max_steps > 0, "train.max_steps", c.train.max_steps, "> 0")
+    _check(c.train.grad_accum > 0, "train.grad_accum", c.train.grad_accum, "> 0")
+    _check(c.train.seed >= 0, "train.seed", c.train.seed, ">= 0")
+    _one_of("train.device", c.train.device, ["auto", "cpu", "cuda"])
+    _one_of("train.precision", c.train.precision, ["auto", "fp32", "bf16"])
+    for name in ("log_every", "eval_every", "eval_batches", "blimp_every", "dynamics_every"):
+        v = getattr(c.logging, name)
+        _check(v >= 0, f"logging.{name}", v, ">= 0")
+    _check(c.logging.log_every > 0, "logging.log_every", c.logging.log_every, "> 0")
+    _check(c.checkpoint.every > 0, "checkpoint.every", c.checkpoint.every, "> 0")
+    _check(c.checkpoint.keep > 0, "checkpoint.keep", c.checkpoint.keep, "> 0")
+    _one_of("distributed.deepspeed", c.distributed.deepspeed, ["none", "zero1", "zero2", "zero3"])
+    _check(c.distributed.timeout_s > 0, "distributed.timeout_s", c.distributed.timeout_s, "> 0")
+    _check(c.distributed.guard_every >= 0, "distributed.guard_every", c.distributed.guard_every, ">= 0")
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """One line per key: name, type, default and the comment beside it in this file."""
+    import inspect
+    import re
+
+    src = inspect.getsource(cls)
+    comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", src, flags=re.M))
+    lines = []
+    for f in fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            lines += describe(type(default), prefix + f.name + ".")
+        else:
+            note = comments.get(f.name, "")
+            lines.append(f"{prefix + f.name:32s} = {default!r:14}  {note}".rstrip())
+    return lines
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,207 @@
+"""LLaMA decoder: RMSNorm, rotary embeddings, SwiGLU MLP, causal SDPA attention, untied
+embeddings and head.
+
+Module names follow Hugging Face's LlamaForCausalLM (`embed_tokens`, `self_attn.q_proj`, ...)
+so that export and import are a prefix away, and RoPE uses its rotate-half layout so that
+logits match without permuting weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Named sizes. vocab_size is left to the tokenizer at train time; the LLaMA shapes are the
+# GaLore/ReLoRA table's (REFERENCE.md), pico-* are pico-decoder tiny/small (GQA, 4 KV heads).
+SIZES: dict[str, dict] = {
+    "micro": dict(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4),
+    "pico-tiny": dict(hidden_size=96, intermediate_size=384, num_layers=12, num_heads=12, num_kv_heads=4,
+                      vocab_size=50304),
+    "pico-small": dict(hidden_size=384, intermediate_size=1536, num_layers=12, num_heads=12, num_kv_heads=4,
+                       vocab_size=50304),
+    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, vocab_size=32000),
+    "llama-130m": dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, vocab_size=32000),
+    "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_layers=24, num_heads=16, vocab_size=32000),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_layers=24, num_heads=32, vocab_size=32000),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, vocab_size=32000),
+}
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def model_args(cfg, seq_len: int, vocab_size: int = 0) -> ModelArgs:
+    """Resolve a ModelConfig: named size, then explicit fields; vocab from the argument
+    (the tokenizer's) unless the config names one."""
+    size = SIZES[cfg.name]
+
+    def pick(key, fallback=None):
+        return getattr(cfg, key) or size.get(key, fallback)
+
+    heads = pick("num_heads")
+    return ModelArgs(
+        vocab_size=cfg.vocab_size or vocab_size or size.get("vocab_size", 0),
+        hidden_size=pick("hidden_size"),
+        intermediate_size=pick("intermediate_size"),
+        num_layers=pick("num_layers"),
+        num_heads=heads,
+        num_kv_heads=cfg.num_kv_heads or (size.get("num_kv_heads", heads) if not cfg.num_heads else heads),
+        max_seq_len=max(cfg.max_seq_len, seq_len),
+        rope_theta=cfg.rope_theta,
+        norm_eps=cfg.norm_eps,
+        init_std=cfg.init_std,
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 as LLaMA does: bf16 variance loses too much precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    t = torch.arange(args.max_seq_len, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout, as Hugging Face Llama
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args)
+        # Not persistent: recomputed from the config, so checkpoints hold only learned weights.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits for `idx` [B, T]; with `targets`, the mean cross-entropy instead."""
+        T = idx.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.args.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(idx)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs per token for forward+backward: 6N for the matmuls with weights plus
+        12*L*d*T for attention scores and values (PaLM appendix B), as REFERENCE.md's MFU."""
+        n = sum(p.numel() for n_, p in self.named_parameters() if "embed_tokens" not in n_)
+        return 6 * n + 12 * self.args.num_layers * self.args.hidden_size * seq_len
+
+
+def count_params(args: ModelArgs) -> int:
+    """Parameter count without allocating (meta device): used to print sizes up to 7B."""
+    with torch.device("meta"):
+        return Transformer(args).num_params()
+
+
+def humanize(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def configure_optimizer_groups(named_params, weight_decay: float) -> list[dict]:
+    """Weight decay on 2-D matrices only (not norms, not vectors), as nanoGPT and LLaMA."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+

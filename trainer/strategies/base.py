@@ -1,0 +1,91 @@
+"""The strategy plugin interface. The loop calls these at fixed points and knows no strategy
+by name; a strategy edits weights and optimizer state only through `ctx.engine`, so that the
+same code is right under DDP (tensors are the masters) and DeepSpeed (fp32 master copies).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from trainer.model import configure_optimizer_groups
+
+
+@dataclass
+class StepContext:
+    """What `after_step` may use. `engine` is a trainer.engine.Engine."""
+    engine: Any
+    optimizer: Any  # the raw torch optimizer (its state is edited only through `engine`)
+    max_steps: int
+    world_size: int = 1
+
+
+def seeded_generator(seed: int, step: int, module_index: int, purpose: int = 0) -> torch.Generator:
+    """A CPU generator from (seed, step, module, purpose): every rank draws the same numbers
+    with no communication, and a resumed run redraws exactly what the uninterrupted one drew."""
+    g = torch.Generator(device="cpu")
+    # Mix with large odd constants so nearby (step, module) pairs give unrelated streams.
+    g.manual_seed((seed * 1_000_003 + step * 7_919 + module_index * 104_729 + purpose * 15_485_863) % (2**63 - 1))
+    return g
+
+
+class Strategy:
+    """Full-rank training: every parameter trains, nothing happens between steps."""
+
+    name = "full"
+
+    def __init__(self, cfg, seed: int):
+        self.cfg = cfg
+        self.seed = seed
+
+    # -- set-up ----------------------------------------------------------------------------
+    def apply(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """Prepare `model` in place (wrap linears, set requires_grad) and return the
+        optimizer's parameter groups."""
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return configure_optimizer_groups(model.named_parameters(), weight_decay)
+
+    def make_optimizer(self, groups: list[dict], opt_cfg) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
+                                 foreach=False)
+
+    # -- each step -------------------------------------------------------------------------
+    def lr_multiplier(self, step: int, sched, max_steps: int) -> float:
+        """Multiplier of the peak LR for optimizer step `step` (0-based): linear warmup then
+        cosine down to the floor."""
+        return cosine_with_warmup(step, sched.warmup_steps, max_steps, sched.min_lr_ratio, sched.decay)
+
+    def after_step(self, step: int, ctx: StepContext) -> str | None:
+        """Called after optimizer step `step` (1-based count of finished steps). Returns a
+        short event name ("merge", "switch", "rewrap") when weights changed, else None."""
+        return None
+
+    def needs_rewrap(self, step: int) -> bool:
+        """True when requires_grad changes before step `step`: the loop must rebuild the
+        data-parallel wrapper and optimizer (DDP only syncs what was trainable at wrap time)."""
+        return False
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # -- accounting ------------------------------------------------------------------------
+    def trainable_bytes(self, model: nn.Module) -> int:
+        """Bytes of gradient a data-parallel step must synchronise."""
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int, floor: float, decay: str = "cosine") -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
