@@ -75,3 +75,25 @@ class Engine:
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    # -- whole-optimizer state, world-size independent (checkpoints) -----------------------
+    def optimizer_state_dict(self) -> dict:
+        """{param_name: {key: full tensor}}: the same on every rank and for any world size.
+        Under DeepSpeed every rank must call this (the gathers are collectives)."""
+        out = {}
+        for name, p in self.trainable():
+            keys = self._state_keys(p)
+            out[name] = {k: self.read_state(p, k) for k in keys}
+        return out
+
+    def load_optimizer_state_dict(self, state: dict) -> None:
+        for name, p in self.trainable():
+            for key, value in state.get(name, {}).items():
+                if value is not None:
+                    self.write_state(p, key, value)
+
+    def _state_keys(self, p) -> list[str]:
+        if self._managed(p):
+            # Flat partitions: every tensor state of Adam-style optimizers.
+            return ["exp_avg", "exp_avg_sq"]
+        return [k for k, v in self.torch_optimizer.state.get(p, {}).items() if torch.is_tensor(v)]

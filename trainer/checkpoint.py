@@ -1,0 +1,128 @@
+"""Checkpoint folders that are either complete or ignored.
+
+A checkpoint is written into `.tmp-step_N/`, each file's sha256 recorded in `meta.json` (written
+last), then renamed to `step_N/`; `latest` is updated after the rename. Loading verifies every
+checksum; a folder that fails falls back to the previous complete one with a warning, so a
+crash or a truncated file costs at most one checkpoint interval.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+META = "meta.json"
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save(ckpt_root: Path, step: int, payload: dict[str, object], keep: int) -> Path:
+    """Write `payload` ({file name: object for torch.save}) as checkpoint `step`; keep the
+    newest `keep` complete checkpoints. Call on one rank only."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    checksums = {}
+    for name, obj in payload.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        _fsync_write(tmp / name, buf.getvalue())
+        checksums[name] = _sha256(tmp / name)
+    _fsync_write(tmp / META, json.dumps({"step": step, "sha256": checksums}, indent=1).encode())
+    if final.exists():  # a re-save of the same step (e.g. after a preemption at a save step)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_write(ckpt_root / f".{LATEST}.tmp", final.name.encode())
+    os.replace(ckpt_root / f".{LATEST}.tmp", ckpt_root / LATEST)
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    complete = [d for d in list_checkpoints(ckpt_root) if (d / META).exists()]
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoint folders by step, oldest first (complete or not)."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(d for d in ckpt_root.iterdir() if d.is_dir() and d.name.startswith("step_"))
+
+
+def verify(folder: Path) -> str | None:
+    """None if `folder` is a complete checkpoint whose files match their checksums, else why not."""
+    meta_path = folder / META
+    if not meta_path.is_file():
+        return "no meta.json (the save never finished)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        return f"meta.json unreadable: {e}"
+    for name, digest in meta["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if _sha256(path) != digest:
+            return f"{name} checksum mismatch (truncated or corrupt)"
+    return None
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint that verifies, warning about each newer one that does not."""
+    candidates = list_checkpoints(ckpt_root)
+    pointer = ckpt_root / LATEST
+    if pointer.is_file():
+        named = ckpt_root / pointer.read_text().strip()
+        # The pointer is a hint; a newer complete folder (pointer write lost in a crash) wins.
+        if named.is_dir() and named not in candidates:
+            candidates.append(named)
+    for folder in sorted(candidates, reverse=True):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"checkpoint {folder} is unusable ({problem}); falling back to the previous one")
+    return None
+
+
+def load(folder: Path, name: str, map_location="cpu"):
+    return torch.load(folder / name, map_location=map_location, weights_only=False)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder from a run directory, a checkpoints folder or a checkpoint itself."""
+    path = Path(path)
+    if (path / META).exists():
+        return path
+    for root in (path / "checkpoints", path):
+        found = find_latest(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no complete checkpoint under {path}")
