@@ -99,6 +99,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
+    stop_at: int = 0  # stop with a checkpoint after this step (time-sliced jobs); 0 = run to max_steps
 
 
 @dataclass
@@ -306,6 +307,7 @@ def _validate(c: Config) -> None:
     _check(s.freeze_steps >= 0, "strategy.freeze_steps", s.freeze_steps, ">= 0")
     _check(c.train.max_steps > 0, "train.max_steps", c.train.max_steps, "> 0")
     _check(c.train.grad_accum > 0, "train.grad_accum", c.train.grad_accum, "> 0")
+    _check(c.train.stop_at >= 0, "train.stop_at", c.train.stop_at, ">= 0")
     _check(c.train.seed >= 0, "train.seed", c.train.seed, ">= 0")
     _one_of("train.device", c.train.device, ["auto", "cpu", "cuda"])
     _one_of("train.precision", c.train.precision, ["auto", "fp32", "bf16"])

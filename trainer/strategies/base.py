@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from trainer.model import configure_optimizer_groups
+from trainer.model import configure_optimizer_groups, humanize
 
 
 @dataclass
@@ -42,12 +42,33 @@ class Strategy:
         self.seed = seed
 
     # -- set-up ----------------------------------------------------------------------------
-    def apply(self, model: nn.Module, weight_decay: float) -> list[dict]:
+    def apply(self, model: nn.Module, weight_decay: float, step: int = 0) -> list[dict]:
         """Prepare `model` in place (wrap linears, set requires_grad) and return the
-        optimizer's parameter groups."""
+        optimizer's parameter groups. `step` is the optimizer step the run starts at (0, or
+        the resumed step): a strategy whose trainable set changes over time (ReLoRA's warm
+        start) sets the one for that step, so a resumed run wraps and builds its optimizer
+        right the first time."""
         for p in model.parameters():
             p.requires_grad_(True)
+        return self.param_groups(model, weight_decay)
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """Groups over the currently trainable parameters (called again after a rewrap)."""
         return configure_optimizer_groups(model.named_parameters(), weight_decay)
+
+    def rewrap(self, model: nn.Module, step: int, weight_decay: float) -> list[dict]:
+        """Called by the loop when `needs_rewrap(step)`: set requires_grad for step `step` on
+        the unwrapped model and return the new parameter groups; the loop then builds a new
+        optimizer (`make_optimizer`) and a new data-parallel wrapper."""
+        return self.apply(model, weight_decay, step)
+
+    def describe(self, model: nn.Module) -> str:
+        """One start-up line: total / trainable / frozen parameters and the trainable share."""
+        c = param_counts(model)
+        share = c["trainable"] / max(1, c["base"])
+        extra = f" (base {humanize(c['base'])} + adapters {humanize(c['adapter'])})" if c["adapter"] else ""
+        return (f"strategy {self.name}: params {humanize(c['total'])}{extra}, trainable {humanize(c['trainable'])}, "
+                f"frozen {humanize(c['frozen'])}; trainable share {100 * share:.1f}% of the base model")
 
     def make_optimizer(self, groups: list[dict], opt_cfg) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
@@ -61,12 +82,13 @@ class Strategy:
 
     def after_step(self, step: int, ctx: StepContext) -> str | None:
         """Called after optimizer step `step` (1-based count of finished steps). Returns a
-        short event name ("merge", "switch", "rewrap") when weights changed, else None."""
+        short event name ("merge", "switch") when weights changed, else None."""
         return None
 
     def needs_rewrap(self, step: int) -> bool:
-        """True when requires_grad changes before step `step`: the loop must rebuild the
-        data-parallel wrapper and optimizer (DDP only syncs what was trainable at wrap time)."""
+        """True when the trainable set for optimizer step `step` differs from the one last
+        applied: the loop must call `rewrap` and rebuild the data-parallel wrapper and
+        optimizer (DDP only syncs what was trainable at wrap time)."""
         return False
 
     # -- resume ----------------------------------------------------------------------------
@@ -80,6 +102,18 @@ class Strategy:
     def trainable_bytes(self, model: nn.Module) -> int:
         """Bytes of gradient a data-parallel step must synchronise."""
         return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts by kind. `base` excludes adapters (`lora_A`/`lora_B`): the papers'
+    trainable shares (ReLoRA: 74% at 60M, 53% at 130M, 19% at 1B) are relative to it."""
+    total = trainable = adapter = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+        adapter += n if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") else 0
+    return dict(total=total, trainable=trainable, frozen=total - trainable, adapter=adapter, base=total - adapter)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, floor: float, decay: str = "cosine") -> float:

@@ -1,0 +1,222 @@
+"""`lrpt`: the command line. Each verb is a thin call into the module that does the work;
+everything else lives in the config (`lrpt train --help-config` lists every key)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EPILOG = """examples:
+  lrpt train                                    # embedded default: micro model, generated corpus, CPU
+  lrpt train configs/experiments/micro-relora.yaml train.max_steps=200
+  lrpt train strategy.name=switchlora strategy.rank=16 run.dir=runs/sw
+  lrpt data prepare corpus/*.txt --out data/mycorpus --vocab-size 8192
+  lrpt launch configs/experiments/micro-relora.yaml --nodes 1 --gpus-per-node 2
+  lrpt slurm submit configs/experiments/relora-130m.yaml --nodes 4 --gpus-per-node 8 --deepspeed zero2
+  lrpt comm runs/full runs/relora --json
+  lrpt eval runs/relora
+  lrpt plot runs/full runs/relora --out plots/
+  lrpt export runs/relora hf/relora-micro
+"""
+
+
+def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [key=value ...]`: the first item is a YAML path unless it is an override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def cmd_train(a) -> int:
+    if a.help_config:
+        from trainer.config import describe
+        print("\n".join(describe()))
+        return 0
+    from trainer.loop import main as train_main
+    return train_main(a.config)
+
+
+def cmd_data(a) -> int:
+    from trainer import data
+    if a.data_cmd == "prepare":
+        out = data.prepare(a.sources, a.out, tokenizer_path=a.tokenizer, vocab_size=a.vocab_size,
+                           val_fraction=a.val_fraction, text_field=a.text_field, hf_split=a.split,
+                           hf_config=a.hf_config, max_documents=a.max_documents, overwrite=a.overwrite)
+        print(data.describe(out))
+        print(f"prepared: {out}\ntrain on it with: lrpt train data.source={out}")
+    else:
+        print(data.describe(a.path))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from trainer.evaluate import evaluate_checkpoint
+    result = evaluate_checkpoint(a.path, data_dir=a.data, pairs=a.pairs, device=a.device)
+    print(json.dumps(result, indent=1) if a.json else "\n".join(f"{k:40s} {v}" for k, v in result.items()))
+    return 0
+
+
+def cmd_analyze(a) -> int:
+    from trainer.dynamics import analyze_run
+    for run in a.runs:
+        rows = analyze_run(run)
+        print(f"{run}: {len(rows)} checkpoints analysed -> {run}/dynamics.jsonl")
+    return 0
+
+
+def cmd_plot(a) -> int:
+    from trainer.plots import plot_runs
+    for path in plot_runs(a.runs, a.out):
+        print(path)
+    return 0
+
+
+def cmd_export(a) -> int:
+    from trainer.export import export_hf
+    out = export_hf(a.checkpoint, a.out)
+    print(f"exported to {out}: load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_comm(a) -> int:
+    from trainer import comm
+    rows = comm.comm_report(a.runs, bandwidths_gbit=a.bandwidth, world_size=a.world_size, full_rank_run=a.full)
+    print(json.dumps(rows, indent=1) if a.json else comm.format_table(rows))
+    if a.plot:
+        comm.plot_comm(rows, a.plot)
+    return 0
+
+
+def cmd_launch(a) -> int:
+    from launcher import launch
+    return launch.main(a)
+
+
+def cmd_slurm(a) -> int:
+    from launcher import slurm
+    return slurm.main(a)
+
+
+def cmd_compare(a) -> int:
+    from launcher.compare import compare
+    compare(a.configs, out=a.out, overrides=a.set or [])
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from launcher.bench import bench
+    return bench(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrpt", description="Pretrain LLaMA-style models full-rank or low-rank "
+                                "(LoRA, ReLoRA, SwitchLoRA) and measure the communication saved.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="VERB")
+
+    t = sub.add_parser("train", help="train in this process (resumes from the run directory's latest checkpoint)",
+                       description="Train one run in this process. CONFIG is a YAML file holding only what differs "
+                       "from the defaults; key=value pairs override it. Under `accelerate launch` or torchrun each "
+                       "process runs this. Exit code 85 means preempted with a checkpoint written.")
+    t.add_argument("config", nargs="*", metavar="[CONFIG] [key=value]")
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("data", help="prepare or describe token shards")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dp = dsub.add_parser("prepare", help="text files or a Hugging Face dataset -> BPE -> packed shards")
+    dp.add_argument("sources", nargs="+", help=".txt/.jsonl/.parquet files, directories, or a HF dataset name")
+    dp.add_argument("--out", required=True, help="output directory")
+    dp.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE)")
+    dp.add_argument("--vocab-size", type=int, default=8192)
+    dp.add_argument("--val-fraction", type=float, default=0.005)
+    dp.add_argument("--text-field", default="text")
+    dp.add_argument("--split", default="train", help="HF dataset split")
+    dp.add_argument("--hf-config", default=None, help="HF dataset configuration name")
+    dp.add_argument("--max-documents", type=int, default=None)
+    dp.add_argument("--overwrite", action="store_true")
+    dd = dsub.add_parser("describe", help="summarise a prepared directory")
+    dd.add_argument("path")
+    d.set_defaults(fn=cmd_data)
+
+    e = sub.add_parser("eval", help="perplexity and minimal-pair accuracy of a run or checkpoint")
+    e.add_argument("path", help="run directory or checkpoint folder")
+    e.add_argument("--data", help="prepared data directory (default: the run's)")
+    e.add_argument("--pairs", help="BLiMP-format JSONL file or directory (default: the embedded corpus's)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    an = sub.add_parser("analyze", help="learning dynamics (PER, condition numbers) over a run's checkpoints")
+    an.add_argument("runs", nargs="+")
+    an.set_defaults(fn=cmd_analyze)
+
+    pl = sub.add_parser("plot", help="PNG plots of one or more runs, overlaid")
+    pl.add_argument("runs", nargs="+")
+    pl.add_argument("--out", required=True)
+    pl.set_defaults(fn=cmd_plot)
+
+    ex = sub.add_parser("export", help="merge adapters and write a Hugging Face Llama checkpoint")
+    ex.add_argument("checkpoint", help="run directory or checkpoint folder")
+    ex.add_argument("out")
+    ex.set_defaults(fn=cmd_export)
+
+    c = sub.add_parser("comm", help="measured vs analytic communication per step, saving vs full-rank")
+    c.add_argument("runs", nargs="+", help="run directories, or YAML configs for an analytic-only estimate")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--plot", help="write a bar chart PNG here")
+    c.add_argument("--full", help="a full-rank run of the same model to measure the saving against")
+    c.add_argument("--bandwidth", type=float, nargs="+", default=[25, 100, 400], help="link Gbit/s to project at")
+    c.add_argument("--world-size", type=int, help="also project for this many ranks")
+    c.set_defaults(fn=cmd_comm)
+
+    la = sub.add_parser("launch", help="compose and run `accelerate launch` for one node of a run")
+    la.set_defaults(fn=cmd_launch)
+    try:
+        from launcher import launch
+        launch.add_arguments(la)
+    except ImportError:
+        pass
+
+    sl = sub.add_parser("slurm", help="submit a run to SLURM or show its status")
+    sl.set_defaults(fn=cmd_slurm)
+    try:
+        from launcher import slurm
+        slurm.add_arguments(sl)
+    except ImportError:
+        pass
+
+    co = sub.add_parser("compare", help="train several configs at one token budget and tabulate them")
+    co.add_argument("configs", nargs="+", help="YAML configs, or one sweep file from configs/experiments/")
+    co.add_argument("--out", required=True, help="directory for the runs, table and plots")
+    co.add_argument("--set", nargs="*", metavar="key=value", help="overrides applied to every run")
+    co.set_defaults(fn=cmd_compare)
+
+    b = sub.add_parser("bench", help="throughput benchmark: tokens/s and MFU per strategy")
+    b.add_argument("--model", default="micro")
+    b.add_argument("--strategies", nargs="+", default=["full", "lora", "relora", "switchlora"])
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--set", nargs="*", metavar="key=value", default=[])
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    from trainer.config import ConfigError
+    try:
+        return args.fn(args) or 0
+    except (FileNotFoundError, ConfigError) as e:
+        # Expected user errors (bad path, bad config value) get one line, not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,414 @@
+"""The training loop: one process of a (possibly distributed) run, top to bottom.
+
+    set-up -> resume -> for each optimizer step: micro-batches, step, strategy hook,
+    log / evaluate / guard / checkpoint -> final evaluation and checkpoint
+
+The loop knows no strategy by name and no engine by name: the strategy plugin decides what
+trains and edits weights between steps; Accelerate (DDP or DeepSpeed) moves the gradients;
+the engine adapter hides where the master weights live.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint as ckpt
+from trainer.comm import CommMeter
+from trainer.config import Config, save_config
+from trainer.data import BatchLoader, PreparedData, eval_batches, resolve_dataset
+from trainer.distributed import build_accelerator, check_consistency, prepare
+from trainer.engine import Engine
+from trainer.model import Transformer, humanize, model_args
+from trainer.strategies import build_strategy
+from trainer.strategies.base import StepContext
+
+EXIT_PREEMPTED = 85  # stopped on SIGUSR1/SIGTERM with a checkpoint written: requeue me
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written; the CLI exits with EXIT_PREEMPTED."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # tokens consumed by all ranks
+    comm_bytes_total: int = 0
+    elapsed_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class _StopFlag:
+    """SLURM sends SIGUSR1 (or SIGTERM) before killing a job: note it, finish the step."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+
+def print0(accelerator, *args):
+    if accelerator.is_main_process:
+        print(*args, flush=True)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _broadcast_str(value: str) -> str:
+    """Rank 0's value on every rank (run directory names carry timestamps)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def default_run_dir(cfg: Config) -> str:
+    return str(Path("runs") / f"{cfg.strategy.name}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class Trainer:
+    """Holds everything one process needs; `fit()` runs the loop."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.accelerator = acc = build_accelerator(cfg)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.run_dir = Path(_broadcast_str(cfg.run.dir or default_run_dir(cfg))).resolve()
+        cfg.run.dir = str(self.run_dir)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+        with acc.main_process_first():  # rank 0 builds the embedded corpus, the others reuse it
+            self.data = PreparedData(resolve_dataset(cfg.data))
+        self.args = model_args(cfg.model, cfg.data.seq_len, self.data.vocab_size)
+        if self.args.vocab_size < self.data.vocab_size:
+            raise ValueError(f"model.vocab_size={self.args.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({self.data.vocab_size})")
+
+        seed = cfg.train.seed
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        module = Transformer(self.args)
+        if cfg.model.init_from:
+            from trainer.export import load_hf_into
+            load_hf_into(module, cfg.model.init_from)
+        self.strategy = build_strategy(cfg.strategy, seed)
+        self.state = TrainState()
+        self.resume_from = ckpt.find_latest(self.ckpt_root) if cfg.run.resume else None
+        trainer_state = ckpt.load(self.resume_from, "trainer.pt") if self.resume_from else None
+        start_step = trainer_state["state"]["step"] if trainer_state else 0
+        groups = self.strategy.apply(module, cfg.optimizer.weight_decay, start_step)
+        if trainer_state is not None:
+            # Weights go in before the engine is built, so DeepSpeed's fp32 masters start from them.
+            module.load_state_dict(ckpt.load(self.resume_from, "model.pt"))
+            self.strategy.load_state_dict(trainer_state["strategy"])
+        self._build_engine(module, groups)
+
+        self.loader = BatchLoader(self.data, "train", cfg.data.seq_len, cfg.data.batch_size, self.rank,
+                                  self.world, seed)
+        self.val_batches = eval_batches(self.data, "val", cfg.data.seq_len, cfg.data.batch_size, self.rank,
+                                        self.world, cfg.logging.eval_batches)
+        if trainer_state is not None:
+            self.engine.load_optimizer_state_dict(ckpt.load(self.resume_from, "optimizer.pt"))
+            self.loader.load_state_dict(trainer_state["data"])
+            _set_rng_state(trainer_state["rng"])
+            s = trainer_state["state"]
+            self.state = TrainState(**s)
+            print0(acc, f"resumed from {self.resume_from} at step {self.state.step}")
+
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.tb = None
+        if acc.is_main_process and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.dynamics = None
+        if cfg.logging.dynamics_every and acc.is_main_process:
+            from trainer.dynamics import DynamicsTracker
+            self.dynamics = DynamicsTracker()
+        self._describe()
+
+    def _build_engine(self, module, groups) -> None:
+        optimizer = self.strategy.make_optimizer(groups, self.cfg.optimizer)
+        self.base_lrs = [g.get("lr", self.cfg.optimizer.lr) for g in optimizer.param_groups]
+        model, optimizer = prepare(self.accelerator, module, optimizer)
+        self.model, self.optimizer = model, optimizer
+        self.engine = Engine(self.accelerator, model, optimizer)
+        self.comm = CommMeter(self.engine)
+
+    def _rewrap(self, step: int) -> None:
+        """The trainable set changes (full-rank warm start over): DDP syncs only what was
+        trainable when it wrapped, so wrapper and optimizer are rebuilt. Optimizer state of
+        parameters that stay trainable (embeddings, head, norms) carries over."""
+        kept = self.engine.optimizer_state_dict()
+        module = self.engine.module
+        for _, p in module.named_parameters():  # masters -> module copy before re-wrapping
+            p.data.copy_(self.engine.read_param(p).to(p.dtype))
+        groups = self.strategy.rewrap(module, step, self.cfg.optimizer.weight_decay)
+        self.accelerator.free_memory()
+        self._build_engine(module, groups)
+        trainable = {n for n, _ in self.engine.trainable()}
+        self.engine.load_optimizer_state_dict({n: s for n, s in kept.items() if n in trainable})
+        self._describe()
+
+    def _describe(self) -> None:
+        module = self.engine.module
+        total = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        self.total_params, self.trainable_params = total, trainable
+        a, c = self.args, self.cfg
+        print0(self.accelerator,
+               f"model {c.model.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}"
+               f"/{a.num_kv_heads}, vocab {a.vocab_size}\n{self.strategy.describe(module)}\n"
+               f"world size {self.world}, {c.data.batch_size} seq x {c.data.seq_len} tokens x "
+               f"{c.train.grad_accum} accum per rank = {self.tokens_per_step:,} tokens/step\n"
+               f"run directory: {self.run_dir}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        c = self.cfg
+        return c.data.batch_size * c.data.seq_len * c.train.grad_accum * self.world
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def _set_lr(self, step: int) -> float:
+        mult = self.strategy.lr_multiplier(step, self.cfg.schedule, self.cfg.train.max_steps)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * mult
+        return self.base_lrs[0] * mult
+
+    def _train_step(self) -> float:
+        """Accumulate `grad_accum` micro-batches and step once. Accelerate's `accumulate`
+        skips the gradient all-reduce on all but the last micro-batch (DDP no_sync; DeepSpeed
+        counts micro-batches itself), so gradients cross the network once per step."""
+        acc, cfg = self.accelerator, self.cfg
+        self.model.train()
+        loss_sum = 0.0
+        for _ in range(cfg.train.grad_accum):
+            x, y = self.loader.next_batch()
+            x, y = x.to(acc.device), y.to(acc.device)
+            with acc.accumulate(self.model), acc.autocast():
+                loss = self.model(x, y)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.optimizer.grad_clip > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float().item()
+        return loss_sum / cfg.train.grad_accum
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        total = 0.0
+        for x, y in self.val_batches:
+            with self.accelerator.autocast():
+                total += self.model(x.to(self.accelerator.device), y.to(self.accelerator.device)).float().item()
+        loss_sum, count = _all_reduce_sum([total, len(self.val_batches)], self.accelerator.device)
+        val_loss = loss_sum / max(count, 1)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+
+    def minimal_pairs(self) -> dict:
+        """Minimal-pair accuracy on rank 0 (identical weights everywhere); others wait."""
+        out = {}
+        if self.accelerator.is_main_process and self.data.minimal_pairs_path is not None:
+            from trainer.evaluate import load_minimal_pairs, minimal_pair_accuracy
+            pairs = load_minimal_pairs(self.data.minimal_pairs_path)
+            acc = minimal_pair_accuracy(self.engine.module, self.data.tokenizer, pairs, self.data.eos_id,
+                                        self.accelerator.device)
+            out = {"blimp_acc": acc["overall"], **{f"blimp/{k}": v for k, v in acc.items() if k != "overall"}}
+        self.accelerator.wait_for_everyone()
+        return out
+
+    # -- records and checkpoints -------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def save_checkpoint(self) -> None:
+        # Every rank takes part: under DeepSpeed the full optimizer state is gathered.
+        optimizer_state = self.engine.optimizer_state_dict()
+        module_state = {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+        for name, p in self.engine.module.named_parameters():
+            module_state[name] = self.engine.read_param(p).cpu()
+        if self.accelerator.is_main_process:
+            trainer_state = {"state": vars(self.state), "data": self.loader.state_dict(),
+                             "strategy": self.strategy.state_dict(), "rng": _rng_state()}
+            ckpt.save(self.ckpt_root, self.state.step, {"model.pt": module_state, "optimizer.pt": optimizer_state,
+                                                        "trainer.pt": trainer_state}, self.cfg.checkpoint.keep)
+        self.accelerator.wait_for_everyone()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> Path:
+        cfg, acc, st = self.cfg, self.accelerator, self.state
+        stop = _StopFlag()
+        ctx = StepContext(engine=self.engine, optimizer=self.engine.torch_optimizer,
+                          max_steps=cfg.train.max_steps, world_size=self.world)
+        bar = None
+        if acc.is_main_process and cfg.logging.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
+        window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+        self.comm.pop()  # start-up traffic is reported apart, by CommMeter.startup_bytes
+        if st.step == 0:
+            self.log({"step": 0, "tokens": 0, **self.evaluate(), "world_size": self.world})
+
+        while st.step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            if self.strategy.needs_rewrap(st.step):
+                self._rewrap(st.step)
+                ctx = StepContext(engine=self.engine, optimizer=self.engine.torch_optimizer,
+                                  max_steps=cfg.train.max_steps, world_size=self.world)
+                self.log({"step": st.step, "tokens": st.tokens, "event": "rewrap",
+                          "trainable_params": self.trainable_params})
+            lr = self._set_lr(st.step)
+            loss = self._train_step()
+            st.step += 1
+            st.tokens += self.tokens_per_step
+            # One tiny all-reduce per step: the global mean loss, and whether any rank saw a
+            # preemption signal or a non-finite loss, so that all ranks stop together.
+            loss_sum, n_stop, n_bad = _all_reduce_sum(
+                [loss if math.isfinite(loss) else 0.0, float(stop.raised), float(not math.isfinite(loss))], acc.device)
+            if n_bad:
+                last = ckpt.find_latest(self.ckpt_root)
+                raise NonFiniteLoss(f"loss became {loss} at step {st.step} (lr {lr:.3g}); stopped without saving. "
+                                    f"Last good checkpoint: {last or 'none'}. Lower optimizer.lr or raise "
+                                    f"schedule.warmup_steps, then resume.")
+            window_loss += loss_sum / self.world
+            window_steps += 1
+
+            event = self.strategy.after_step(st.step, ctx)
+            if event or (cfg.distributed.guard_every and st.step % cfg.distributed.guard_every == 0):
+                check_consistency(self.engine, st.step)
+            st.elapsed_s += time.perf_counter() - t0
+
+            last = st.step == cfg.train.max_steps
+            if st.step % cfg.logging.log_every == 0 or last or event:
+                dt = time.perf_counter() - window_t0
+                comm_bytes, comm_s, _ = self.comm.pop()
+                st.comm_bytes_total += comm_bytes
+                record = {"step": st.step, "tokens": st.tokens, "loss": window_loss / window_steps, "lr": lr,
+                          "tokens_per_s": window_steps * self.tokens_per_step / dt, "comm_bytes": comm_bytes,
+                          "comm_bytes_total": st.comm_bytes_total, "comm_time_s": comm_s,
+                          "trainable_params": self.trainable_params, "total_params": self.total_params,
+                          "world_size": self.world}
+                if event:
+                    record["event"] = event
+                if (cfg.logging.eval_every and st.step % cfg.logging.eval_every == 0) or last:
+                    record.update(self.evaluate())
+                if (cfg.logging.blimp_every and st.step % cfg.logging.blimp_every == 0) or last:
+                    record.update(self.minimal_pairs())
+                if self.dynamics is not None and (st.step % cfg.logging.dynamics_every == 0 or last):
+                    record.update(self.dynamics.record(self.engine.module, st.step))
+                self.log(record)
+                msg = (f"step {st.step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+                       f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | comm {comm_bytes / 1e6:.2f} MB")
+                if "val_loss" in record:
+                    msg += f" | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.write(msg)
+                window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+
+            preempted = n_stop > 0
+            stopping = preempted or st.step == cfg.train.stop_at
+            if st.step % cfg.checkpoint.every == 0 or last or stopping:
+                self.save_checkpoint()
+            if stopping:
+                if bar is not None:
+                    bar.close()
+                self.log({"step": st.step, "tokens": st.tokens, "event": "preempt" if preempted else "stop"})
+                if preempted:
+                    print0(acc, f"preempted: checkpoint written at step {st.step}; exiting {EXIT_PREEMPTED}")
+                    raise Preempted(str(self.run_dir))
+                print0(acc, f"stopped at train.stop_at={st.step}; run directory: {self.run_dir}")
+                return self.run_dir
+        if bar is not None:
+            bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        print0(acc, f"done: {st.step} steps, {st.tokens:,} tokens. Run directory: {self.run_dir}")
+        return self.run_dir
+
+
+def train(cfg: Config) -> Path:
+    """Train (or resume) the run that `cfg` describes; returns the run directory."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.accelerator.end_training()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.loop [CONFIG] [key=value ...]`: what `lrpt train` and `lrpt launch` run."""
+    from trainer.config import ConfigError, load_config
+
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv and "=" not in argv[0] else None
+    overrides = argv[1:] if path else argv
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    except Preempted:
+        return EXIT_PREEMPTED
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
