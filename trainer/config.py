@@ -202,7 +202,7 @@ def apply_dict(obj, data: dict, prefix: str = "") -> None:
         full = f"{prefix}{key}"
         if key not in names:
             near = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix}{near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
+            hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {full!r}{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
