@@ -126,6 +126,9 @@ class Trainer:
             raise ValueError(f"model.vocab_size={self.args.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({self.data.vocab_size})")
 
+        if acc.is_main_process:  # the resolved shape, for export, bench and analysis tools
+            from dataclasses import asdict
+            (self.run_dir / "model.json").write_text(json.dumps(asdict(self.args), indent=1))
         seed = cfg.train.seed
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
         module = Transformer(self.args)
@@ -336,7 +339,7 @@ class Trainer:
                           "tokens_per_s": window_steps * self.tokens_per_step / dt, "comm_bytes": comm_bytes,
                           "comm_bytes_total": st.comm_bytes_total, "comm_time_s": comm_s,
                           "trainable_params": self.trainable_params, "total_params": self.total_params,
-                          "world_size": self.world}
+                          "world_size": self.world, "elapsed_s": st.elapsed_s}
                 if event:
                     record["event"] = event
                 if (cfg.logging.eval_every and st.step % cfg.logging.eval_every == 0) or last:
