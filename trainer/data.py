@@ -1,0 +1,624 @@
+"""Text -> byte-level BPE -> packed token shards, and a resumable, rank-sharded batch loader.
+
+A prepared dataset is a directory:
+    index.json          format, dtype, vocab_size, eos_id, per split its shards and token counts
+    tokenizer.json      a `tokenizers` byte-level BPE (or the one the user gave)
+    {split}_{k:05d}.bin flat uint16 (vocab <= 65536) or uint32 token streams; each document is
+                        followed by EOS, and a document may continue into the next shard
+    minimal_pairs.jsonl (embedded corpus only) BLiMP-format pairs for evaluation
+
+Sources for `prepare`: a `.txt` file (one document per paragraph: paragraphs are separated by
+blank lines), a `.jsonl` file (one JSON object per line, text in `text_field`), a `.parquet`
+file (column `text_field`, read through `datasets`), a directory (every such file under it,
+in sorted order), or anything else: a Hugging Face dataset name for `datasets.load_dataset`.
+
+Directories are built under `<out>.tmp-<pid>` and renamed into place, so a crash never
+leaves a half-written directory that looks complete, and concurrent builders of the embedded
+corpus cannot corrupt each other.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = 1
+EOS = "<|endoftext|>"
+EOS_CANDIDATES = (EOS, "</s>", "<|end_of_text|>", "<eos>")  # accepted in a user's tokenizer.json
+SPLITS = ("train", "val")
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+TOKENIZER_MAX_CHARS = 1 << 30  # BPE is trained on at most the first ~1 GB of text: plenty, and bounded
+# The embedded corpus: a fixed seed, and a larger held-out share than real corpora need, so that
+# validation gets a few dozen sequences from a corpus of well under a million tokens.
+EMBEDDED_SEED = 0
+EMBEDDED_VAL_FRACTION = 0.05
+EMBEDDED_PAIRS_PER_PHENOMENON = 200
+
+
+class DataError(ValueError):
+    """A problem with a data source, a prepared directory or a loader's arguments."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sources
+
+def _resolve_sources(sources: Iterable[str]) -> list[tuple[str, str]]:
+    """Check every source up front (before minutes of work) -> [(kind, path or name)]."""
+    out: list[tuple[str, str]] = []
+    for src in sources:
+        path = Path(src).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            if not files:
+                raise DataError(f"source directory {str(path)!r} holds no {'/'.join(SUFFIXES)} files")
+            out += [(p.suffix[1:], str(p)) for p in files]
+        elif path.is_file():
+            if path.suffix not in SUFFIXES:
+                raise DataError(f"source {str(path)!r}: unknown extension {path.suffix!r} "
+                                f"(expected one of {', '.join(SUFFIXES)}, a directory or a dataset name)")
+            out.append((path.suffix[1:], str(path)))
+        elif path.suffix in SUFFIXES or src.startswith(("/", ".", "~")):
+            raise DataError(f"source file {str(path)!r} not found")
+        else:  # not on disk and not path-like: a Hugging Face dataset name such as "allenai/c4"
+            out.append(("hf", src))
+    if not out:
+        raise DataError("no data sources given")
+    return out
+
+
+def _read_txt(path: str) -> Iterator[str]:
+    lines: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line.rstrip("\r\n"))
+            elif lines:
+                yield "\n".join(lines)
+                lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
+def _read_jsonl(path: str, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                keys = list(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{path}:{lineno}: no string field {field!r} (has {keys}); set text_field")
+            yield row[field]
+
+
+def _read_datasets(kind: str, name: str, field: str, split: str, config: str | None,
+                   streaming: bool | None) -> Iterator[str]:
+    import datasets  # slow to import; only needed here
+
+    try:
+        if kind == "parquet":  # local files stream from disk: no Arrow cache copy
+            ds = datasets.load_dataset("parquet", data_files=name, split="train",
+                                       streaming=True if streaming is None else streaming)
+        else:  # hub datasets are usually large: stream unless told otherwise
+            ds = datasets.load_dataset(name, config, split=split,
+                                       streaming=True if streaming is None else streaming)
+    except Exception as e:
+        what = "" if kind == "parquet" else " (it is not a local file or directory either)"
+        raise DataError(f"could not load {name!r} with datasets.load_dataset{what}: {type(e).__name__}: {e}") from e
+    if ds.column_names is not None and field not in ds.column_names:
+        raise DataError(f"{name}: no column {field!r} (has {ds.column_names}); set text_field")
+    for row in ds:
+        yield row[field]
+
+
+def _documents(sources: list[tuple[str, str]], text_field: str, hf_split: str, hf_config: str | None,
+               streaming: bool | None, max_documents: int | None) -> Iterator[str]:
+    """Non-empty documents from all sources in order, at most `max_documents`."""
+    n = 0
+    for kind, name in sources:
+        if kind == "txt":
+            docs = _read_txt(name)
+        elif kind == "jsonl":
+            docs = _read_jsonl(name, text_field)
+        else:
+            docs = _read_datasets(kind, name, text_field, hf_split, hf_config, streaming)
+        for doc in docs:
+            if max_documents is not None and n >= max_documents:
+                return
+            if doc and doc.strip():
+                n += 1
+                yield doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, progress: bool = False):
+    """Byte-level BPE with EOS as its only special token. Deterministic for the same text
+    (checked: identical tokenizer.json across thread counts and hash seeds), which lets every
+    node of a multi-node run build the same embedded corpus without talking to the others."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()  # decode(encode(text)) == text, byte for byte
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(documents, trainer)
+    return tok
+
+
+def _load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"tokenizer file {str(path)!r} not found")
+    return Tokenizer.from_file(str(path))
+
+
+def _eos_of(tok, where: str) -> tuple[str, int]:
+    for token in EOS_CANDIDATES:
+        if (i := tok.token_to_id(token)) is not None:
+            return token, i
+    raise DataError(f"{where}: the tokenizer has no end-of-text token (looked for {', '.join(EOS_CANDIDATES)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a prepared directory
+
+def _is_val(index: int, seed: int, fraction: float) -> bool:
+    """Whole documents go to val by a hash of (seed, document index): stable, no RNG state."""
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") < fraction * 2.0**64
+
+
+class _ShardWriter:
+    """Appends to `{split}_{k:05d}.bin`, starting a new shard every `shard_tokens` tokens."""
+
+    def __init__(self, root: Path, split: str, dtype, shard_tokens: int):
+        self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.documents = 0
+        self._f = None
+
+    def write(self, ids: np.ndarray) -> None:
+        self.documents += 1
+        while len(ids):
+            if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self.close()
+                self.shards.append({"file": f"{self.split}_{len(self.shards):05d}.bin", "tokens": 0})
+                self._f = open(self.root / self.shards[-1]["file"], "wb")
+            part = ids[: self.shard_tokens - self.shards[-1]["tokens"]]
+            self._f.write(part.astype(self.dtype, copy=False).tobytes())
+            self.shards[-1]["tokens"] += len(part)
+            ids = ids[len(part):]
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def summary(self) -> dict:
+        return {"tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents,
+                "shards": self.shards}
+
+
+def _write_dataset(dst: Path, documents: Callable[[], Iterator[str]], *, source: str,
+                   tokenizer_path: str | None, vocab_size: int, val_fraction: float, seed: int,
+                   shard_tokens: int, progress: bool) -> dict:
+    """Tokenize `documents()` (called once or twice: it must replay the same documents) into
+    shards under `dst`; write tokenizer.json and index.json last. Returns the index."""
+    from tqdm import tqdm
+
+    total = None
+    if tokenizer_path:
+        tok = _load_tokenizer(tokenizer_path)
+        shutil.copyfile(Path(tokenizer_path).expanduser(), dst / "tokenizer.json")
+    else:
+        counted = {"docs": 0, "chars": 0, "complete": True}
+
+        def sample() -> Iterator[str]:
+            for doc in documents():
+                if counted["chars"] >= TOKENIZER_MAX_CHARS:
+                    counted["complete"] = False
+                    return
+                counted["docs"] += 1
+                counted["chars"] += len(doc)
+                yield doc
+
+        tok = train_tokenizer(sample(), vocab_size, progress)
+        if counted["docs"] == 0:
+            raise DataError(f"empty corpus: no non-empty documents in {source}")
+        total = counted["docs"] if counted["complete"] else None
+        tok.save(str(dst / "tokenizer.json"))
+    eos_token, eos_id = _eos_of(tok, tokenizer_path or "trained tokenizer")
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    writers = {s: _ShardWriter(dst, s, dtype, shard_tokens) for s in SPLITS}
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # fast: skips offsets
+
+    # The newest train document is held back one step: if no document hashed into val (a tiny
+    # corpus), the last one goes there, so val is never empty when val_fraction > 0.
+    held: np.ndarray | None = None
+    index = 0
+    bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=not progress, mininterval=0.5)
+    chunk: list[str] = []
+    stream = documents()
+    while True:
+        chunk.clear()
+        for doc in stream:
+            chunk.append(doc)
+            if len(chunk) == 1024:
+                break
+        if not chunk:
+            break
+        for enc in encode(chunk):
+            ids = np.array(enc.ids + [eos_id], dtype=np.int64)
+            if _is_val(index, seed, val_fraction):
+                writers["val"].write(ids)
+            else:
+                if held is not None:
+                    writers["train"].write(held)
+                held = ids
+            index += 1
+        bar.update(len(chunk))
+    bar.close()
+    if held is not None:
+        empty_val = val_fraction > 0 and not writers["val"].documents and writers["train"].documents
+        writers["val" if empty_val else "train"].write(held)
+    for w in writers.values():
+        w.close()
+    if not writers["train"].documents:
+        raise DataError(f"empty corpus: no training documents in {source}")
+    meta = {
+        "format": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
+        "eos_id": eos_id, "eos_token": eos_token, "tokenizer": "tokenizer.json", "source": source,
+        "seed": seed, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
+        "splits": {s: w.summary() for s, w in writers.items()},
+    }
+    (dst / "index.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: marks it complete
+    return meta
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | None = None,
+            vocab_size: int = 8192, val_fraction: float = 0.005, text_field: str = "text",
+            hf_split: str = "train", hf_config: str | None = None, streaming: bool | None = None,
+            max_documents: int | None = None, seed: int = 0, shard_tokens: int = 2**24,
+            overwrite: bool = False, progress: bool = True) -> Path:
+    """Tokenize `sources` (see the module docstring for the kinds) into a prepared directory.
+
+    tokenizer_path: a tokenizer.json to use as is (copied; `vocab_size` is then ignored); else a
+    byte-level BPE of `vocab_size` is trained on the documents (the first ~1 GB of text).
+    val_fraction: the share of whole documents held out as "val", chosen by a hash of (seed,
+    document index); a tiny corpus whose hash picks none still gets its last document there.
+    text_field: the JSON field / column holding the text. hf_split, hf_config, streaming: passed
+    to `datasets.load_dataset` (streaming=None streams). max_documents: stop after this many.
+    shard_tokens: tokens per shard file. overwrite: replace an existing non-empty `out_dir`.
+    """
+    sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
+    out = Path(out_dir).expanduser()
+    if _is_nonempty_dir(out) and not overwrite:
+        raise DataError(f"output directory {str(out)!r} exists and is not empty "
+                        f"(pass overwrite=True to replace it)")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+    if shard_tokens < 1:
+        raise DataError(f"shard_tokens={shard_tokens}: expected >= 1")
+    resolved = _resolve_sources(sources)
+    source = ", ".join(sources)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_dataset(tmp, lambda: _documents(resolved, text_field, hf_split, hf_config, streaming, max_documents),
+                       source=source, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+                       val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, progress=progress)
+        old = None
+        if out.exists():
+            if _is_nonempty_dir(out):
+                if not overwrite:
+                    raise DataError(f"output directory {str(out)!r} appeared while preparing; not replacing it")
+                old = out.with_name(f"{out.name}.old-{os.getpid()}")
+                out.rename(old)
+            else:
+                out.rmdir()
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded corpus and `data.source`
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LRPT_CACHE") or Path.home() / ".cache" / "lowrank-pretrain").expanduser()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive flock: only one process builds, the others wait and then reuse its result.
+    (The atomic rename alone would already keep the result correct; the lock saves N-1 builds.)"""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def embedded_dataset(sentences: int, vocab_size: int, progress: bool = False) -> Path:
+    """The prepared directory of the generated corpus, built on first use and cached under
+    `$LRPT_CACHE` (default ~/.cache/lowrank-pretrain), named by a hash of everything it depends on."""
+    from trainer import corpus
+
+    key = json.dumps({"corpus": corpus.VERSION, "format": FORMAT_VERSION, "sentences": sentences,
+                      "vocab": vocab_size, "seed": EMBEDDED_SEED, "val": EMBEDDED_VAL_FRACTION,
+                      "pairs": EMBEDDED_PAIRS_PER_PHENOMENON}, sort_keys=True)
+    root = cache_dir()
+    out = root / f"embedded-{sentences}-{vocab_size}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (out / "index.json").is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f"{out.name}.lock"):
+        if (out / "index.json").is_file():  # another process built it while we waited
+            return out
+        if out.exists():  # not ours to explain: it has no index.json, so it is incomplete
+            shutil.rmtree(out)
+        t0 = time.time()
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            docs = corpus.generate_documents(sentences, EMBEDDED_SEED)
+            _write_dataset(tmp, lambda: iter(docs),
+                           source=f"embedded corpus v{corpus.VERSION}, {sentences} sentences",
+                           tokenizer_path=None, vocab_size=vocab_size, val_fraction=EMBEDDED_VAL_FRACTION,
+                           seed=EMBEDDED_SEED, shard_tokens=2**24, progress=progress)
+            pairs = corpus.generate_minimal_pairs(EMBEDDED_PAIRS_PER_PHENOMENON, EMBEDDED_SEED)
+            with open(tmp / "minimal_pairs.jsonl", "w") as f:
+                f.writelines(json.dumps(p) + "\n" for p in pairs)
+            try:
+                tmp.rename(out)
+            except OSError:
+                if not (out / "index.json").is_file():  # lost a race (no lock on this filesystem?)
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"built the embedded corpus in {time.time() - t0:.1f}s: {out}", file=sys.stderr)
+    return out
+
+
+def resolve_dataset(data_cfg) -> Path:
+    """`data.source` -> a prepared directory: "embedded" builds (once) the generated corpus."""
+    if data_cfg.source == "embedded":
+        return embedded_dataset(data_cfg.embedded_sentences, data_cfg.embedded_vocab)
+    path = Path(data_cfg.source).expanduser()
+    if not (path / "index.json").is_file():
+        raise DataError(f"data.source={data_cfg.source!r}: not a prepared dataset (no {path / 'index.json'}); "
+                        f"make one with `lrpt data prepare SOURCE... --out {data_cfg.source}`, "
+                        f"or use data.source=embedded")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a prepared directory
+
+class TokenStream:
+    """One split's shards as one sequence of tokens: np.memmap per shard, and slices that
+    cross a shard boundary are stitched by index arithmetic (only the slice is copied)."""
+
+    def __init__(self, root: Path, shards: list[dict], dtype: np.dtype):
+        self._maps = []
+        for s in shards:
+            path = root / s["file"]
+            expected = s["tokens"] * dtype.itemsize
+            if not path.is_file() or path.stat().st_size != expected:
+                raise DataError(f"{path}: missing or truncated (expected {expected} bytes); prepare the data again")
+            self._maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(s["tokens"],)))
+        self._starts = np.cumsum([0] + [len(m) for m in self._maps])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("TokenStream supports slices only, e.g. tokens[i:j]")
+        start, stop, step = key.indices(len(self))
+        if step != 1 or stop <= start:
+            return np.zeros(0, dtype=self._maps[0].dtype) if self._maps else np.zeros(0, np.uint16)
+        k = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            lo, hi = self._starts[k], self._starts[k + 1]
+            pieces.append(self._maps[k][start - lo: min(stop, hi) - lo])
+            start = min(stop, hi)
+            k += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+class PreparedData:
+    """A prepared directory: its index, tokenizer (loaded on first use) and token streams."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        index_path = self.path / "index.json"
+        if not index_path.is_file():
+            raise DataError(f"{str(self.path)!r} is not a prepared dataset (no index.json); "
+                            f"make one with `lrpt data prepare`")
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("format") != FORMAT_VERSION:
+            raise DataError(f"{index_path}: format {self.index.get('format')}, this code reads "
+                            f"format {FORMAT_VERSION}; prepare the data again")
+        self.vocab_size: int = self.index["vocab_size"]
+        self.eos_id: int = self.index["eos_id"]
+        self.dtype = np.dtype(self.index["dtype"])
+        self._tokenizer = None
+        self._streams: dict[str, TokenStream] = {}
+
+    def _split(self, split: str) -> dict:
+        if split not in self.index["splits"]:
+            raise DataError(f"{self.path}: no split {split!r} (has {', '.join(self.index['splits'])})")
+        return self.index["splits"][split]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.path / self.index["tokenizer"])
+        return self._tokenizer
+
+    def num_tokens(self, split: str) -> int:
+        return self._split(split)["tokens"]
+
+    def num_documents(self, split: str) -> int:
+        return self._split(split)["documents"]
+
+    @property
+    def minimal_pairs_path(self) -> Path | None:
+        path = self.path / "minimal_pairs.jsonl"
+        return path if path.is_file() else None
+
+    def tokens(self, split: str) -> TokenStream:
+        if split not in self._streams:
+            self._streams[split] = TokenStream(self.path, self._split(split)["shards"], self.dtype)
+        return self._streams[split]
+
+
+def describe(path: str | Path) -> str:
+    """A few lines for `lrpt data describe`: source, tokenizer, tokens and shards per split."""
+    d = PreparedData(path)
+    lines = [f"{d.path}", f"  source: {d.index['source']}",
+             f"  tokenizer: {d.index['tokenizer']} (vocab {d.vocab_size}, "
+             f"eos {d.index['eos_token']!r} = {d.eos_id}), tokens stored as {d.dtype.name}"]
+    for split, s in d.index["splits"].items():
+        lines.append(f"  {split}: {s['tokens']:,} tokens, {s['documents']:,} documents, "
+                     f"{len(s['shards'])} shard(s)")
+    if d.minimal_pairs_path:
+        with open(d.minimal_pairs_path) as f:
+            phenomena = [json.loads(line)["phenomenon"] for line in f]
+        lines.append(f"  minimal pairs: {len(phenomena):,} in {len(set(phenomena))} phenomena "
+                     f"({d.minimal_pairs_path.name})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+def _window(tokens: TokenStream, i: int, seq_len: int) -> np.ndarray:
+    return tokens[i * seq_len: i * seq_len + seq_len + 1]
+
+
+def _to_xy(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch  # here, not at the top: `lrpt data prepare` and the cache builder do not need it
+
+    w = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+def _num_sequences(data: PreparedData, split: str, seq_len: int) -> int:
+    # Sequence i is tokens[i*seq_len : (i+1)*seq_len + 1]: consecutive windows share one token,
+    # so every token is a target exactly once per epoch.
+    return max(0, (data.num_tokens(split) - 1) // seq_len)
+
+
+class BatchLoader:
+    """Rank `rank`'s micro-batches: each `next_batch()` takes one global micro-batch of
+    batch_size * world_size sequences from a per-epoch seeded permutation; rank r takes the
+    r-th slice. The state is one integer (global micro-batches consumed), so a resumed loader
+    returns exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, data: PreparedData, split: str, seq_len: int, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} not in [0, world_size={world_size})")
+        self.data, self.split, self.seq_len, self.batch_size = data, split, seq_len, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.tokens = data.tokens(split)
+        self.num_sequences = _num_sequences(data, split, seq_len)
+        self.global_batch = batch_size * world_size
+        # Each epoch drops the permutation's remainder (< one global batch) so all ranks stay in step.
+        self.steps_per_epoch = self.num_sequences // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"split {split!r} of {data.path} has {data.num_tokens(split):,} tokens = {self.num_sequences} "
+                f"sequences of seq_len {seq_len}, fewer than one global batch of {self.global_batch} "
+                f"(batch_size {batch_size} x world_size {world_size}): use more data or smaller batches")
+        self.position = 0
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.steps_per_epoch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:  # the same on every rank: seeded by (seed, epoch) only
+            # Shuffling a uint32 arange draws exactly what rng.permutation(n) draws, in half the memory.
+            self._perm = np.arange(self.num_sequences, dtype=np.uint32 if self.num_sequences < 2**32 else np.int64)
+            np.random.default_rng([self.seed, epoch]).shuffle(self._perm)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): int64 CPU tensors [batch_size, seq_len]; y is x shifted by one token
+        (y[:, t] is the token that follows x[:, t])."""
+        epoch, step = divmod(self.position, self.steps_per_epoch)
+        start = step * self.global_batch + self.rank * self.batch_size
+        ids = self._permutation(epoch)[start: start + self.batch_size]
+        self.position += 1
+        return _to_xy([_window(self.tokens, int(i), self.seq_len) for i in ids])
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "global_batch": self.global_batch, "num_sequences": self.num_sequences}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "num_sequences"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"loader state has {key}={state[key]}, this loader {getattr(self, key)}: "
+                                f"resuming on different data or settings would not continue the same order")
+        old_batch = state.get("global_batch", self.global_batch)
+        if old_batch == self.global_batch:
+            self.position = int(state["position"])
+        else:  # world size changed: continue in the same epoch after the same number of sequences
+            epoch, step = divmod(int(state["position"]), max(1, self.num_sequences // old_batch))
+            self.position = epoch * self.steps_per_epoch + step * old_batch // self.global_batch
+
+
+def eval_batches(data: PreparedData, split: str, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, max_batches: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `max_batches` global batches of `split` in order (no shuffle), rank r's slice
+    of each: the same validation set at every evaluation and for every world size's union."""
+    tokens = data.tokens(split)
+    global_batch = batch_size * world_size
+    available = _num_sequences(data, split, seq_len) // global_batch
+    if available == 0:
+        raise DataError(f"split {split!r} of {data.path} has {data.num_tokens(split):,} tokens: fewer than one "
+                        f"global batch of {global_batch} sequences of seq_len {seq_len}")
+    n = available if max_batches is None else min(max_batches, available)
+    out = []
+    for b in range(n):
+        start = b * global_batch + rank * batch_size
+        out.append(_to_xy([_window(tokens, i, seq_len) for i in range(start, start + batch_size)]))
+    return out
