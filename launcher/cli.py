@@ -210,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from trainer.config import ConfigError
+    from trainer.data import DataError
     try:
         return args.fn(args) or 0
-    except (FileNotFoundError, ConfigError) as e:
+    except (FileNotFoundError, ConfigError, DataError) as e:
         # Expected user errors (bad path, bad config value) get one line, not a traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from trainer.data import DataError
     try:
         train(cfg)
     except Preempted:
@@ -409,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
