@@ -1,0 +1,217 @@
+"""Hugging Face Llama export and import, and the adapter merge every offline tool shares.
+
+Our module names are Hugging Face Llama's minus the `model.` prefix and our RoPE uses the
+same rotate-half layout, so conversion is a rename: no weight is permuted. Low-rank
+checkpoints hold `W`, `lora_A`, `lora_B` and `lora_scale` per wrapped linear; every consumer
+outside training (export, evaluation, dynamics analysis) sees the merged `W + scale * B @ A`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint
+from trainer.model import ModelArgs, Transformer, model_args
+
+log = logging.getLogger(__name__)
+
+ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_scale")
+
+
+def merged_state_dict(state_dict: dict) -> dict:
+    """Fold each adapter into its frozen weight (fp32) and drop the adapter keys."""
+    out = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in ADAPTER_SUFFIXES:
+            continue
+        if leaf == "weight" and f"{prefix}.lora_A" in state_dict:
+            A, B = state_dict[f"{prefix}.lora_A"].float(), state_dict[f"{prefix}.lora_B"].float()
+            value = value.float() + state_dict[f"{prefix}.lora_scale"].float() * (B @ A)
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and loading our checkpoints
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete, checksum-verified checkpoints of a run, oldest first."""
+    return [d for d in checkpoint.list_checkpoints(Path(run_dir, "checkpoints")) if checkpoint.verify(d) is None]
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint folder, run dir) for a run dir (its newest complete checkpoint), a step
+    folder or a model.pt file."""
+    path = Path(path)
+    ckpt = checkpoint.resolve(path.parent if path.is_file() else path)
+    return ckpt, ckpt.parent.parent
+
+
+def step_of(ckpt_dir: Path) -> int:
+    return int(ckpt_dir.name.split("_")[1])
+
+
+def load_merged(ckpt_dir: Path) -> dict:
+    return merged_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True))
+
+
+def args_for(run_dir: Path, cfg, state_dict: dict) -> ModelArgs:
+    """The run's resolved shape: model.json when the loop wrote one, else the config with the
+    vocabulary read off the embedding (the tokenizer's at train time)."""
+    if (run_dir / "model.json").is_file():
+        return ModelArgs(**json.loads((run_dir / "model.json").read_text()))
+    return model_args(cfg.model, cfg.data.seq_len, vocab_size=state_dict["embed_tokens.weight"].shape[0])
+
+
+def load_model(path: str | Path, device="cpu"):
+    """(model in eval mode with adapters merged, Config, checkpoint folder) for any path
+    `resolve_checkpoint` accepts."""
+    from trainer.config import load_config
+
+    ckpt, run_dir = resolve_checkpoint(path)
+    cfg = load_config(run_dir / "config.yaml")
+    sd = load_merged(ckpt)
+    model = Transformer(args_for(run_dir, cfg, sd))
+    model.load_state_dict(sd)
+    return model.to(device).eval(), cfg, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+def hf_config(args: ModelArgs, eos_id: int | None) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads,
+        "head_dim": args.head_dim,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        # transformers < 5 reads rope_theta; 5.x reads rope_parameters. Both say the same.
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "hidden_act": "silu",
+        "initializer_range": args.init_std,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+        # Documents are joined by EOS in training, so EOS is also the start-of-text context.
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+    }
+
+
+def _tokenizer_source(cfg, data_dir):
+    """The run's prepared dataset (or `data_dir`), whose tokenizer ships with the export."""
+    from trainer.data import PreparedData, resolve_dataset
+
+    try:
+        return PreparedData(Path(data_dir) if data_dir else resolve_dataset(cfg.data))
+    except Exception as e:
+        if data_dir:
+            raise
+        # The weights are still worth exporting when the run's dataset is gone.
+        log.warning("export: no tokenizer (%s); writing weights and config only", e)
+        return None
+
+
+def export_hf(path: str | Path, out_dir: str | Path, *, data_dir: str | Path | None = None) -> Path:
+    """Write a run's latest (or the given) checkpoint, adapters merged, as a Hugging Face
+    Llama directory loadable offline by AutoModelForCausalLM / AutoTokenizer."""
+    from safetensors.torch import save_file
+
+    model, cfg, ckpt = load_model(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _tokenizer_source(cfg, data_dir)
+    tensors = {_to_hf_name(k): v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(model.args, data.eos_id if data else None), indent=2))
+    if data is not None:
+        shutil.copyfile(data.path / data.index["tokenizer"], out / "tokenizer.json")
+        eos = data.index["eos_token"]
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": eos, "eos_token": eos, "pad_token": eos,
+            "model_max_length": model.args.max_seq_len,
+            "clean_up_tokenization_spaces": False,
+        }, indent=2))
+    log.info("exported %s (step %d) to %s", ckpt, step_of(ckpt), out)
+    return out
+
+
+def _to_hf_name(key: str) -> str:
+    return key if key.startswith("lm_head.") else f"model.{key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Import: start training from a Hugging Face Llama checkpoint
+
+def model_args_from_hf(hf_dir: str | Path, max_seq_len: int | None = None) -> ModelArgs:
+    """ModelArgs from a Llama config.json. `max_seq_len` replaces max_position_embeddings,
+    whose RoPE table can be needlessly long (131072 for Llama 3)."""
+    c = json.loads(Path(hf_dir, "config.json").read_text())
+    heads = c["num_attention_heads"]
+
+    def require(ok, what):
+        if not ok:
+            raise ValueError(f"{hf_dir}: {what} is not supported by trainer.model")
+
+    require(c.get("model_type") == "llama", f"model_type={c.get('model_type')!r}")
+    require(c.get("hidden_act", "silu") == "silu", f"hidden_act={c.get('hidden_act')!r}")
+    require(not c.get("attention_bias") and not c.get("mlp_bias"), "bias in attention or MLP")
+    require(c.get("head_dim") in (None, c["hidden_size"] // heads), f"head_dim={c.get('head_dim')}")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    require(rope.get("rope_type", rope.get("type", "default")) == "default", f"RoPE scaling {rope}")
+    return ModelArgs(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"], num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
+        max_seq_len=max_seq_len or c.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)), init_std=float(c.get("initializer_range", 0.02)))
+
+
+def read_hf_state_dict(hf_dir: str | Path) -> dict:
+    """Tensors of a Hugging Face checkpoint (safetensors or pytorch_model.bin, sharded or not),
+    renamed to our module names."""
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
+    files = sorted(hf_dir.glob("*.safetensors"))
+    raw: dict = {}
+    if files:
+        for f in files:
+            raw.update(load_file(str(f)))
+    else:
+        files = sorted(hf_dir.glob("pytorch_model*.bin"))
+        if not files:
+            raise FileNotFoundError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin")
+        for f in files:
+            raw.update(torch.load(f, map_location="cpu", weights_only=True))
+    sd = {k.removeprefix("model."): v for k, v in raw.items() if "rotary_emb" not in k}
+    if "lm_head.weight" not in sd:  # a tied checkpoint: our head is untied, so it starts as a copy
+        sd["lm_head.weight"] = sd["embed_tokens.weight"].clone()
+    return sd
+
+
+def load_hf_into(model: Transformer, hf_dir: str | Path) -> None:
+    """Copy a Hugging Face Llama checkpoint's weights into `model` (plain or adapter-wrapped:
+    adapters keep their own initialisation, frozen W takes the checkpoint's values)."""
+    missing, unexpected = model.load_state_dict(read_hf_state_dict(hf_dir), strict=False)
+    missing = [k for k in missing if k.rpartition(".")[2] not in ADAPTER_SUFFIXES]
+    if missing or unexpected:
+        raise ValueError(f"{hf_dir}: checkpoint does not fit the model; missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
