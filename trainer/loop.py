@@ -131,10 +131,13 @@ class Trainer:
             (self.run_dir / "model.json").write_text(json.dumps(asdict(self.args), indent=1))
         seed = cfg.train.seed
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-        module = Transformer(self.args)
-        if cfg.model.init_from:
-            from trainer.export import load_hf_into
+        if cfg.model.init_from:  # continued pretraining: the checkpoint's shape wins
+            from trainer.export import load_hf_into, model_args_from_hf
+            self.args = model_args_from_hf(cfg.model.init_from, max_seq_len=cfg.data.seq_len)
+            module = Transformer(self.args)
             load_hf_into(module, cfg.model.init_from)
+        else:
+            module = Transformer(self.args)
         self.strategy = build_strategy(cfg.strategy, seed)
         self.state = TrainState()
         self.resume_from = ckpt.find_latest(self.ckpt_root) if cfg.run.resume else None
@@ -167,7 +170,8 @@ class Trainer:
         self.dynamics = None
         if cfg.logging.dynamics_every and acc.is_main_process:
             from trainer.dynamics import DynamicsTracker
-            self.dynamics = DynamicsTracker()
+            self.dynamics = DynamicsTracker(every=cfg.logging.dynamics_every)
+            self.dynamics.start(self.engine.module, self.state.step)
         self._describe()
 
     def _build_engine(self, module, groups) -> None:
@@ -218,13 +222,13 @@ class Trainer:
             group["lr"] = base * mult
         return self.base_lrs[0] * mult
 
-    def _train_step(self) -> float:
+    def _train_step(self, step: int) -> tuple[float, dict]:
         """Accumulate `grad_accum` micro-batches and step once. Accelerate's `accumulate`
         skips the gradient all-reduce on all but the last micro-batch (DDP no_sync; DeepSpeed
         counts micro-batches itself), so gradients cross the network once per step."""
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
-        loss_sum = 0.0
+        loss_sum, dyn = 0.0, {}
         for _ in range(cfg.train.grad_accum):
             x, y = self.loader.next_batch()
             x, y = x.to(acc.device), y.to(acc.device)
@@ -234,9 +238,12 @@ class Trainer:
                 if acc.sync_gradients and cfg.optimizer.grad_clip > 0:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
                 self.optimizer.step()
+                if acc.sync_gradients and self.dynamics is not None:
+                    # Gradients still present, strategy edits (merges) not yet applied.
+                    dyn = self.dynamics.record(self.engine.module, step, force=step == cfg.train.max_steps)
                 self.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach().float().item()
-        return loss_sum / cfg.train.grad_accum
+        return loss_sum / cfg.train.grad_accum, dyn
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -310,7 +317,7 @@ class Trainer:
                 self.log({"step": st.step, "tokens": st.tokens, "event": "rewrap",
                           "trainable_params": self.trainable_params})
             lr = self._set_lr(st.step)
-            loss = self._train_step()
+            loss, dyn = self._train_step(st.step + 1)
             st.step += 1
             st.tokens += self.tokens_per_step
             # One tiny all-reduce per step: the global mean loss, and whether any rank saw a
@@ -324,6 +331,8 @@ class Trainer:
                                     f"schedule.warmup_steps, then resume.")
             window_loss += loss_sum / self.world
             window_steps += 1
+            if dyn:
+                self.log({"step": st.step, "tokens": st.tokens, **dyn})
 
             event = self.strategy.after_step(st.step, ctx)
             if event or (cfg.distributed.guard_every and st.step % cfg.distributed.guard_every == 0):
@@ -346,8 +355,6 @@ class Trainer:
                     record.update(self.evaluate())
                 if (cfg.logging.blimp_every and st.step % cfg.logging.blimp_every == 0) or last:
                     record.update(self.minimal_pairs())
-                if self.dynamics is not None and (st.step % cfg.logging.dynamics_every == 0 or last):
-                    record.update(self.dynamics.record(self.engine.module, st.step))
                 self.log(record)
                 msg = (f"step {st.step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | comm {comm_bytes / 1e6:.2f} MB")
