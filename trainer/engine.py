@@ -3,13 +3,20 @@
 Strategies and checkpoints read and write parameters and optimizer state through it. Under
 DDP the module's fp32 tensors are the masters and are edited in place. Under DeepSpeed ZeRO
 the optimizer keeps flat fp32 master partitions that overwrite in-place edits at the next
-step, so edits go through `deepspeed.utils.safe_set_full_*` (every rank must call them, in
-the same order) and the module's working copy is refreshed by hand.
+step, so edits go through `deepspeed.utils.safe_set_full_*` and the module's working copy is
+refreshed by hand.
+
+Under DeepSpeed every rank must make the same calls in the same order: reads of trainable
+parameters and of optimizer state are collectives (each rank holds only a fragment). Writes
+are local but must carry the same value on every rank (draw it from a seeded generator).
+Frozen parameters are never partitioned by ZeRO-1/2: they are plain module tensors.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from trainer import comm
 
 
 class Engine:
@@ -18,6 +25,20 @@ class Engine:
         self.model = model  # as prepared (DDP wrapper or DeepSpeed engine)
         self.optimizer = optimizer  # as prepared (AcceleratedOptimizer)
         self.deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+        self.zero_stage = 0
+        self._zero = None  # DeepSpeed's ZeRO optimizer (holds the fp32 partitions)
+        self._managed: set[int] = set()
+        if self.deepspeed:
+            self.zero_stage = model.zero_optimization_stage()
+            self._zero = model.optimizer
+            if self.zero_stage in (1, 2):
+                # Exactly the parameters this optimizer partitions. Not `_hp_mapping is not
+                # None`: that is None on ranks owning no fragment of p, and a rank that skipped
+                # the gather would leave the others waiting in it.
+                self._managed = {id(p) for group in self._zero.bit16_groups for p in group}
+            elif self.zero_stage == 3:
+                self._managed = {id(p) for p in self.module.parameters() if p.requires_grad}
+        self._linked = False
 
     @property
     def module(self) -> nn.Module:
@@ -31,47 +52,166 @@ class Engine:
             opt = opt.optimizer
         return opt
 
-    def _managed(self, p: nn.Parameter) -> bool:
-        return self.deepspeed and getattr(p, "_hp_mapping", None) is not None
+    def is_managed(self, p: nn.Parameter) -> bool:
+        """True when DeepSpeed keeps an fp32 master of `p` apart from the module tensor."""
+        return id(p) in self._managed
 
     # -- parameters ------------------------------------------------------------------------
     @torch.no_grad()
     def read_param(self, p: nn.Parameter) -> torch.Tensor:
         """The full fp32 master value of `p` (a copy)."""
-        if self._managed(p):
+        if self.zero_stage == 3:
+            return self._z3_read(p)
+        if self.is_managed(p):
             from deepspeed.utils import safe_get_full_fp32_param
-            return safe_get_full_fp32_param(p).detach().clone()
+            with comm.phase("edit"):
+                return safe_get_full_fp32_param(p).detach().clone()
         return p.detach().float().clone()
 
     @torch.no_grad()
     def write_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
         """Set the master value of `p` and the module's working copy."""
-        if self._managed(p):
+        value = value.to(device=p.device)
+        if self.zero_stage == 3:
+            return self._z3_write(p, value)
+        if self.is_managed(p):
             from deepspeed.utils import safe_set_full_fp32_param
             safe_set_full_fp32_param(p, value.to(torch.float32))
         p.copy_(value.to(p.dtype))
 
+    def _z3_read(self, p):
+        import deepspeed
+        with comm.phase("edit"):
+            if p.requires_grad:
+                from deepspeed.utils import safe_get_full_fp32_param
+                return safe_get_full_fp32_param(p).detach().clone().view(p.ds_shape)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                return p.data.detach().float().clone()
+
+    def _z3_write(self, p, value):
+        import deepspeed
+        with comm.phase("edit"):
+            if p.requires_grad:
+                from deepspeed.utils import safe_set_full_fp32_param
+                safe_set_full_fp32_param(p, value.to(torch.float32))
+            # Rank 0's edited copy is re-partitioned into every rank's shard on exit.
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(value.to(p.dtype).view_as(p.data))
+
     # -- optimizer state -------------------------------------------------------------------
     @torch.no_grad()
     def read_state(self, p: nn.Parameter, key: str) -> torch.Tensor | None:
-        if self._managed(p):
+        if self.is_managed(p):
+            self._ensure_ds_state()
+            shared = self._shared_scalar(p, key)
+            if shared is not None:
+                return shared.detach().clone()
+            self._check_key(key)
             from deepspeed.utils import safe_get_full_optimizer_state
-            return safe_get_full_optimizer_state(p, key)
+            with comm.phase("edit"):
+                value = safe_get_full_optimizer_state(p, key)
+            return value.view(p.ds_shape) if self.zero_stage == 3 else value
         state = self.torch_optimizer.state.get(p, {})
         value = state.get(key)
         return None if value is None else value.detach().clone()
 
     @torch.no_grad()
     def write_state(self, p: nn.Parameter, key: str, value: torch.Tensor) -> None:
-        if self._managed(p):
+        if self.is_managed(p):
+            self._ensure_ds_state()
+            shared = self._shared_scalar(p, key)
+            if shared is not None:
+                # One scalar for the whole flat group (torch AdamW's `step`): writing it for one
+                # parameter sets it for all of its group. Per-parameter counters need an
+                # optimizer whose step is per element (trainer/optim.py VectorAdamW).
+                shared.copy_(torch.as_tensor(value, dtype=shared.dtype))
+                return
+            self._check_key(key)
             from deepspeed.utils import safe_set_full_optimizer_state
-            safe_set_full_optimizer_state(p, value, key)
+            safe_set_full_optimizer_state(p, value.to(device=p.device, dtype=torch.float32), key)
             return
+        _init_state(self.torch_optimizer, [p])
         state = self.torch_optimizer.state[p]
         if key in state and torch.is_tensor(state[key]):
             state[key].copy_(value)
         else:
             state[key] = value.clone()
+
+    def _flats(self) -> list[torch.Tensor]:
+        """DeepSpeed's flat fp32 partitions, the keys of the torch optimizer's state."""
+        if self.zero_stage == 3:
+            return list(self._zero.fp32_partitioned_groups_flat)
+        return list(self._zero.single_partition_of_fp32_groups)
+
+    def _flat_states(self) -> list[dict]:
+        opt = self.torch_optimizer
+        return [opt.state.get(q, {}) for q in self._flats()]
+
+    def _ensure_ds_state(self) -> None:
+        """Make every parameter's fragment see its optimizer state.
+
+        DeepSpeed creates the state at the first step and links fragments to it right after
+        the FIRST parameter group's step (stage_1_and_2.py `_optimizer_step`), when the
+        other groups have no state yet: their fragments never get linked, and
+        safe_get/set_full_optimizer_state fail for them (here: the no-weight-decay group of
+        norms). So we create missing state (see _init_state) and link every group ourselves,
+        once per engine; the state tensors are then only updated in place."""
+        if self._linked:
+            return
+        opt = self.torch_optimizer
+        if self.zero_stage == 3:
+            # Stage 3 empties the torch groups and puts one flat sub-group in at each step.
+            for sg, flat in enumerate(self._zero.fp32_partitioned_groups_flat):
+                group = opt.param_groups[self._zero.sub_group_to_group_id[sg]]
+                saved, group["params"] = group["params"], [flat]
+                try:
+                    _init_state(opt, [flat])
+                finally:
+                    group["params"] = saved
+        else:
+            _init_state(opt, self._flats())
+        if self.zero_stage in (1, 2):
+            from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+            for i, group in enumerate(self._zero.bit16_groups):
+                flat = self._zero.single_partition_of_fp32_groups[i]
+                lazy_init_hp_params_optimizer_state(group, flat, opt.state)
+            self._zero._hp_optimizer_states_linked = True
+        self._linked = True
+
+    def _group_flat(self, p):
+        """The flat fp32 partition of p's group (same object kind on every rank)."""
+        if self.zero_stage in (1, 2):
+            for i, group in enumerate(self._zero.bit16_groups):
+                if any(q is p for q in group):
+                    return self._zero.single_partition_of_fp32_groups[i]
+        else:
+            i = self._zero.grad_position[self._zero.get_param_id(p)][0]
+            return self._zero.fp32_partitioned_groups_flat[i]
+        raise KeyError("parameter is not managed by this DeepSpeed optimizer")
+
+    def _shared_scalar(self, p, key):
+        """A state entry that is one value per flat group (torch AdamW's `step`), else None."""
+        st = self.torch_optimizer.state.get(self._group_flat(p), {})
+        v = st.get(key)
+        if torch.is_tensor(v) and v.dim() == 0:
+            return v
+        return None
+
+    def _check_key(self, key):
+        # Checked on group-level state, identical on every rank: a rank raising while the
+        # others enter the gather would hang them.
+        flat_keys = {k for st in self._flat_states() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
+        if key not in flat_keys:
+            raise KeyError(f"optimizer state {key!r} is not held per element under DeepSpeed "
+                           f"(partitioned keys: {sorted(flat_keys)}); only tensors shaped like the parameter are")
+
+    def state_keys(self, p) -> list[str]:
+        """Optimizer state keys of `p` that are tensors (the same on every rank)."""
+        if self.is_managed(p):
+            self._ensure_ds_state()
+            st = self.torch_optimizer.state.get(self._group_flat(p), {})
+            return [k for k, v in st.items() if torch.is_tensor(v)]
+        return [k for k, v in self.torch_optimizer.state.get(p, {}).items() if torch.is_tensor(v)]
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -82,18 +222,73 @@ class Engine:
         Under DeepSpeed every rank must call this (the gathers are collectives)."""
         out = {}
         for name, p in self.trainable():
-            keys = self._state_keys(p)
-            out[name] = {k: self.read_state(p, k) for k in keys}
+            out[name] = {k: self.read_state(p, k) for k in self.state_keys(p)}
         return out
 
     def load_optimizer_state_dict(self, state: dict) -> None:
+        """Write `state` ({name: {key: tensor}}, as optimizer_state_dict gives) into the
+        optimizer; trainable parameters it does not name keep fresh state."""
+        if self.deepspeed:
+            self._check_shared_steps(state)
         for name, p in self.trainable():
             for key, value in state.get(name, {}).items():
                 if value is not None:
                     self.write_state(p, key, value)
 
-    def _state_keys(self, p) -> list[str]:
-        if self._managed(p):
-            # Flat partitions: every tensor state of Adam-style optimizers.
-            return ["exp_avg", "exp_avg_sq"]
-        return [k for k, v in self.torch_optimizer.state.get(p, {}).items() if torch.is_tensor(v)]
+    def _check_shared_steps(self, state: dict) -> None:
+        """Under DeepSpeed a scalar `step` is one per parameter group. A group that mixes
+        parameters with different step counts (typically: new adapters, fresh, beside
+        embeddings whose state carries over a re-wrap) cannot be represented; say so, since
+        the fresh ones would get the others' bias correction and the run would diverge from
+        DDP. The fix: separate optimizer groups for them, or a per-element step (VectorAdamW)."""
+        import warnings
+
+        names = {id(p): n for n, p in self.trainable()}
+        for i, flat in enumerate(self._flats()):
+            params = self._zero.bit16_groups[i] if self.zero_stage in (1, 2) else [
+                p for p in self.module.parameters() if p.requires_grad and self._group_flat(p) is flat]
+            steps = {}
+            for p in params:
+                v = state.get(names.get(id(p), ""), {}).get("step")
+                steps[names.get(id(p), "?")] = None if v is None else (float(v) if v.dim() == 0 else None)
+            scalars = {n: v for n, v in steps.items() if v is not None}
+            if scalars and (len(set(scalars.values())) > 1 or len(scalars) < len(steps)):
+                fresh = sorted(n for n, v in steps.items() if v is None)[:3]
+                warnings.warn(f"DeepSpeed keeps one optimizer `step` per parameter group; group {i} mixes "
+                              f"step counts {sorted(set(scalars.values()))}{' and fresh parameters ' if fresh else ''}"
+                              f"{', '.join(fresh)}: they will share step {max(scalars.values()):g} and their "
+                              f"bias correction (DDP would differ). Put them in separate optimizer groups.")
+
+
+@torch.no_grad()
+def _init_state(opt: torch.optim.Optimizer, params) -> None:
+    """Create the optimizer state of `params` that have none, as their first step would, by
+    stepping them at lr 0 on zero gradients, which moves no weight (AdamW: decay factor
+    1 - 0*wd = 1, update 0 * m / denom = 0), then resetting step counters to 0. Optimizers
+    create state lazily; a resume or an edit before the first step needs it to exist (torch's
+    Adam fails on a partial state, and DeepSpeed only maps state that exists)."""
+    todo = [q for q in params if not opt.state.get(q)]
+    if not todo:
+        return
+    todo_ids = {id(q) for q in todo}
+    saved_grads, saved_lrs = {}, [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        for q in g["params"]:
+            saved_grads[id(q)] = q.grad
+            q.grad = torch.zeros_like(q) if id(q) in todo_ids else None  # step only `todo`
+        g["lr"] = 0.0
+    try:
+        opt.step()
+    finally:
+        for g, lr in zip(opt.param_groups, saved_lrs):
+            g["lr"] = lr
+            for q in g["params"]:
+                q.grad = saved_grads[id(q)]
+    for q in todo:
+        st = opt.state.get(q, {})
+        for k, v in st.items():
+            if k == "step":
+                if torch.is_tensor(v):
+                    v.zero_()
+                else:
+                    st[k] = 0
