@@ -499,7 +499,7 @@ def format_table(rows: list[dict]) -> str:
         if v is None:
             return "-"
         if key in ("saving_vs_full", "comm_share_of_step"):
-            return f"{100 * v:.1f}%"
+            return f"{100 * v + 0.0:.1f}%" if abs(v) >= 5e-4 else "0.0%"
         if key.endswith("bytes_per_step"):
             return _human_bytes(v)
         if key == "run":
