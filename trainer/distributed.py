@@ -139,8 +139,12 @@ def build_accelerator(cfg):
             if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
                 warnings.warn("launched with DeepSpeed but distributed.deepspeed=none: training with DDP")
                 os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+            # A plain single process has no process group: a backend handler would make
+            # Accelerate query one that was never initialised.
+            single = "LOCAL_RANK" not in os.environ and launched_world == 1
             acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg, device),
-                              gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers)
+                              gradient_accumulation_steps=cfg.train.grad_accum,
+                              kwargs_handlers=[] if single else handlers)
     if acc.num_processes != launched_world:
         raise DistributedError(
             f"launched as {launched_world} processes but the process group has {acc.num_processes}: "

@@ -363,6 +363,8 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     bar.write(msg)
+                else:
+                    print0(acc, msg)
                 window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
