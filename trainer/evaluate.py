@@ -67,6 +67,15 @@ def minimal_pair_accuracy(model, tokenizer, pairs: list[dict], bos_id: int, devi
                           batch_size: int = 64) -> dict[str, float]:
     """{"overall": accuracy, "<phenomenon>": accuracy, ...}; a tie counts as wrong."""
     ids = [_encode(tokenizer, p[k]) for p in pairs for k in ("sentence_good", "sentence_bad")]
+    limit = getattr(getattr(model, "args", None), "max_seq_len", None)
+    if limit is not None:  # a sentence (plus its BOS) longer than the context cannot be scored
+        keep = [i for i in range(len(pairs)) if max(len(ids[2 * i]), len(ids[2 * i + 1])) < limit]
+        if len(keep) < len(pairs):
+            import warnings
+            warnings.warn(f"{len(pairs) - len(keep)} of {len(pairs)} minimal pairs are longer than the model's "
+                          f"context ({limit} tokens) and were skipped")
+            pairs = [pairs[i] for i in keep]
+            ids = [ids[j] for i in keep for j in (2 * i, 2 * i + 1)]
     scores = sequence_logprob(model, ids, bos_id, device, batch_size)
     hits = defaultdict(list)
     for p, good, bad in zip(pairs, scores[0::2], scores[1::2]):
