@@ -1,0 +1,156 @@
+"""ReLoRA (Lialin et al. 2023, arXiv 2307.05695): a sequence of low-rank updates whose sum is
+high-rank.
+
+Algorithm (q = reset_every, N = warm_start_steps):
+  init     wrap q, k, v, o, gate, up, down as W x + s B (A x), s = alpha / r;
+           A ~ Kaiming-uniform, B = 0 (not A = 0: the reference's zero A learns nothing
+           until the first reset, its issue #18).
+  warm     steps [0, N): full-rank training. W trains; the adapters exist but are frozen
+           and contribute nothing (B = 0). At step N the loop rebuilds the DDP wrapper and
+           the optimizer (`needs_rewrap`), W freezes and A, B start training.
+  step     AdamW on A, B, embeddings, head and norms.
+  merge    after step N + k q (k >= 1), for every wrapped layer, in fp32:
+             W <- W + s B A      (the scale belongs in it; the small-model study's fork
+                                  dropped it and so merged the wrong update)
+             A <- Kaiming-uniform (fresh draw), B <- 0   (the output is unchanged)
+             Adam state of A and B pruned in place (zero | random | magnitude, both
+             moments of an element together); the step count is kept, and no other
+             parameter's state is touched.
+  schedule one global cosine from the end of warmup down to min_lr_ratio; at each restart
+           (every merge, and the end of the warm start) the LR drops to 0 and ramps back
+           linearly over restart_warmup steps: lr(t) = cosine(t) * min(1, (t - t_r) / w).
+           The step at a restart has LR 0: it refills the pruned moments with one gradient
+           before anything moves.
+
+The merge schedule counts from the end of the warm start, so every cycle is a full q steps
+of low-rank training. Random draws come from seeded_generator(seed, step, layer, purpose):
+every rank draws the same without communicating, and a resumed run redraws them exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from trainer.strategies.base import StepContext, cosine_with_warmup, seeded_generator
+from trainer.strategies.lora import PURPOSE_A_INIT, LoRA, kaiming_uniform, set_trainable
+
+PURPOSE_PRUNE = 2  # + 0 for A, + 1 for B
+
+
+class ReLoRA(LoRA):
+    name = "relora"
+
+    def __init__(self, cfg, seed: int):
+        super().__init__(cfg, seed)
+        self.merges = 0
+        self._full_rank_applied: bool | None = None  # the trainable set last applied
+
+    # -- phases ----------------------------------------------------------------------------
+    def full_rank(self, step: int) -> bool:
+        """True while optimizer step `step` (0-based) is part of the full-rank warm start."""
+        return step < self.cfg.warm_start_steps
+
+    def set_phase(self, model: nn.Module, weight_decay: float, step: int) -> list[dict]:
+        full = self.full_rank(step)
+        if full:
+            # Warm start = plain full-rank training: everything but the (zero) adapters.
+            for n, p in model.named_parameters():
+                p.requires_grad_(n.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"))
+        else:
+            set_trainable(model, self.cfg, adapters=True, wrapped_weights=False)
+        self._full_rank_applied = full
+        return self.param_groups(model, weight_decay)
+
+    def needs_rewrap(self, step: int) -> bool:
+        return self._full_rank_applied is not None and self.full_rank(step) != self._full_rank_applied
+
+    def rewrap(self, model: nn.Module, step: int, weight_decay: float) -> list[dict]:
+        return self.set_phase(model, weight_decay, step)
+
+    # -- schedule --------------------------------------------------------------------------
+    def last_restart(self, step: int) -> int | None:
+        """0-based index of the latest restart at or before optimizer step `step`."""
+        n, q = self.cfg.warm_start_steps, self.cfg.reset_every
+        if step < n:
+            return None
+        k = (step - n) // q
+        if k == 0 and n == 0:
+            return None  # the first cycle starts with the global warmup, not a restart
+        return n + k * q
+
+    def lr_multiplier(self, step: int, sched, max_steps: int) -> float:
+        envelope = cosine_with_warmup(step, sched.warmup_steps, max_steps, sched.min_lr_ratio, sched.decay)
+        restart, w = self.last_restart(step), self.cfg.restart_warmup
+        if restart is None or w == 0:
+            return envelope
+        return envelope * min(1.0, (step - restart) / w)
+
+    # -- merges ----------------------------------------------------------------------------
+    def after_step(self, step: int, ctx: StepContext) -> str | None:
+        n, q = self.cfg.warm_start_steps, self.cfg.reset_every
+        if step <= n or (step - n) % q:
+            return None
+        self.merge_and_reinit(step, ctx)
+        self.merges += 1
+        return "merge"
+
+    @torch.no_grad()
+    def merge_and_reinit(self, step: int, ctx: StepContext) -> None:
+        eng = ctx.engine
+        for index, (_, m) in enumerate(self.adapters):
+            W, A, B = eng.read_param(m.weight), eng.read_param(m.lora_A), eng.read_param(m.lora_B)
+            eng.write_param(m.weight, torch.addmm(W, B, A, alpha=float(m.lora_scale)))
+            fresh_A = kaiming_uniform(A.shape, seeded_generator(self.seed, step, index, PURPOSE_A_INIT))
+            eng.write_param(m.lora_A, fresh_A.to(A.device))
+            eng.write_param(m.lora_B, torch.zeros_like(B))
+            self.reset_optimizer(step, index, m, ctx)
+
+    @torch.no_grad()
+    def reset_optimizer(self, step: int, index: int, m, ctx: StepContext) -> None:
+        """Prune the adapter's Adam state in place; keep its step count.
+
+        One mask per parameter prunes both moments of an element together (decided by |m|
+        for `magnitude`). The reference prunes exp_avg and exp_avg_sq independently, which
+        leaves elements with a surviving m over a zeroed v: their next update is
+        m / sqrt((1 - beta2) g^2), many times a normal step, and only the re-warmup hides it.
+        Resetting an element's whole state keeps every update Adam-sized.
+        """
+        mode, ratio, eng = self.cfg.optimizer_reset, self.cfg.reset_ratio, ctx.engine
+        for j, p in enumerate((m.lora_A, m.lora_B)):
+            exp_avg = eng.read_state(p, "exp_avg")
+            if exp_avg is None:
+                continue
+            keep = prune_mask(exp_avg, mode, ratio, seeded_generator(self.seed, step, index, PURPOSE_PRUNE + j))
+            eng.write_state(p, "exp_avg", exp_avg * keep)
+            exp_avg_sq = eng.read_state(p, "exp_avg_sq")
+            eng.write_state(p, "exp_avg_sq", exp_avg_sq * keep)
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        # Phase and merge points are functions of the step; the merge count is for logs.
+        return {"merges": self.merges}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.merges = int(state.get("merges", 0))
+
+
+def prune_mask(t: torch.Tensor, mode: str, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A 0/1 mask (t's dtype and device) keeping a fraction 1 - `ratio` of t's entries:
+    none (`zero`), a random subset (`random`, drawn on the CPU from `generator`) or the
+    largest by magnitude (`magnitude`; ties at the threshold are pruned)."""
+    if mode not in ("zero", "random", "magnitude"):
+        raise ValueError(f"strategy.optimizer_reset={mode!r}: expected zero, random or magnitude")
+    if mode == "zero" or ratio >= 1:
+        return torch.zeros_like(t)
+    if ratio <= 0:
+        return torch.ones_like(t)
+    if mode == "random":
+        return (torch.rand(t.shape, generator=generator) >= ratio).to(t.device, t.dtype)
+    k = int(round(ratio * t.numel()))
+    if k == 0:
+        return torch.ones_like(t)
+    mag = t.abs()
+    # kthvalue, not quantile: torch.quantile refuses tensors above 16M elements (one 7B MLP
+    # moment has 45M).
+    threshold = mag.flatten().float().kthvalue(k).values.to(t.dtype)
+    return (mag > threshold).to(t.dtype)

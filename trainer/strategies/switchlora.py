@@ -1,0 +1,280 @@
+"""SwitchLoRA (Zhou et al. 2024, arXiv 2406.06564): LoRA whose rank-one directions are
+swapped, a few vectors per step, for candidates from a pool, so that over training W
+receives updates in many more directions than r.
+
+Algorithm (s = 1 / r, T = max_steps):
+  init     wrap q, k, v, o, gate, up, down as W x + s B (A x). Each layer has two pools of
+           min(m, n) candidate vectors, one for A's rows and one for B's columns, drawn
+           U(-b, b) with b chosen so that s B A has nn.Linear's init variance 1/(3n) and
+           B dA and dB A are the same size. A's rows and B's columns start as the first r
+           candidates (B is not zero), and W <- W0 - s B A, so the function is W0's.
+  step     VectorAdamW (per-element step counters) on A, B, embeddings, head and norms.
+  switch   after step t, per layer, k = r * rate(t) / interval0 vectors of A and k of B,
+           rate(t) = base ** (t / (ratio * T)), k rounded up or down at random:
+             A row i -> candidate c:   W += s B[:, i] (A[i, :] - c)^T;  A[i, :] = c
+                                        B[:, i]: Adam moments zeroed, step count reset,
+                                        frozen for freeze_steps steps
+             B col j -> candidate d:   W += s (B[:, j] - d) A[j, :]^T;  B[:, j] = d
+                                        A[j, :]: the same reset and freeze
+           Candidates are taken from each pool in FIFO order and the vector switched out
+           goes to the back of its pool (the pool holds trained vectors). Vectors are chosen
+           at random among those not frozen.
+
+Memory. The reference keeps both pools as dense tensors in CPU memory from the start, about
+1.5x all wrapped weights. Here a candidate that never trained is a pure function of (seed,
+layer, slot) and is redrawn when taken; only vectors that were switched out are stored (CPU,
+fp32). `candidate_memory()` reports the store. Its bound, reached once every slot of a pool
+has been used, is (min(m, n) - r) (m + n) floats per layer: the reference's pools less the r
+vectors in use; with the paper's decay the pools fill within the first few thousand steps.
+
+Every draw (initial vectors, candidates, rounding, which vectors switch) comes from
+seeded_generator(seed, step or slot, layer, purpose): all ranks make identical switches with
+no communication and a resumed run makes exactly the switches of an uninterrupted one.
+Weights go through the engine; freezes are written into the optimizer's per-element step
+counters (step = -freeze_steps), so they are checkpointed with the optimizer.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+import torch.nn as nn
+
+from trainer.optim import VectorAdamW
+from trainer.strategies.base import StepContext, seeded_generator
+from trainer.strategies.lora import TARGETS, LoRA, LoRALinear, wrap_linears
+
+PURPOSE_POOL_A, PURPOSE_POOL_B, PURPOSE_SWITCH = 11, 12, 13
+
+
+def init_bounds(in_features: int, out_features: int, rank: int) -> tuple[float, float]:
+    """Uniform bounds for A's and B's candidates (the reference's choice). With
+    std_A^2 std_B^2 = gain * r / n the product s B A (s = 1/r) has variance gain / n = 1/(3n),
+    nn.Linear's default init; the split between A and B makes B dA and dB A comparable."""
+    n, m, r = in_features, out_features, rank
+    gain = math.sqrt(2.0 / (1 + 5))  # nn.init.calculate_gain("leaky_relu", sqrt(5))
+    std_a = (math.sqrt(m) * r / n ** 1.5) ** 0.25 * math.sqrt(gain)
+    std_b = (r / math.sqrt(m * n)) ** 0.25 * math.sqrt(gain)
+    return math.sqrt(3) * std_a, math.sqrt(3) * std_b
+
+
+class VectorPool:
+    """One layer's candidates for A's rows (or B's columns): `size` slots, `rank` of them in
+    use. Slot j holds either its fresh candidate (never used: redrawn from the seed when
+    needed) or a trained vector that was switched out (kept in `store`)."""
+
+    def __init__(self, size: int, rank: int, length: int, bound: float, seed: int, layer: int, purpose: int):
+        self.size, self.length, self.bound = size, length, bound
+        self.seed, self.layer, self.purpose = seed, layer, purpose
+        self.slots = list(range(rank))  # slot held by vector i
+        self.free = deque(range(rank, size))  # next candidate first
+        self.store: dict[int, torch.Tensor] = {}  # slot -> trained vector (CPU, fp32)
+        self.frozen_until = [0] * rank  # vector i is frozen while step < frozen_until[i]
+
+    def fresh(self, slot: int) -> torch.Tensor:
+        g = seeded_generator(self.seed, slot, self.layer, self.purpose)
+        return (torch.rand(self.length, generator=g) * 2 - 1) * self.bound
+
+    def can_switch(self) -> bool:
+        return len(self.free) > 0
+
+    def eligible(self, step: int) -> list[int]:
+        return [i for i, until in enumerate(self.frozen_until) if until <= step]
+
+    def switch(self, i: int, current: torch.Tensor) -> torch.Tensor:
+        """Vector i takes the next candidate; its current value goes to the back of the pool."""
+        new_slot = self.free.popleft()
+        new = self.store.pop(new_slot) if new_slot in self.store else self.fresh(new_slot)
+        old_slot = self.slots[i]
+        self.store[old_slot] = current.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+        self.free.append(old_slot)
+        self.slots[i] = new_slot
+        return new
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
+    def state_dict(self) -> dict:
+        return {"slots": list(self.slots), "free": list(self.free), "frozen_until": list(self.frozen_until),
+                "store": {int(k): v.clone() for k, v in self.store.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.slots = [int(x) for x in state["slots"]]
+        self.free = deque(int(x) for x in state["free"])
+        self.frozen_until = [int(x) for x in state["frozen_until"]]
+        self.store = {int(k): v.to("cpu", torch.float32) for k, v in state["store"].items()}
+
+
+class SwitchLoRA(LoRA):
+    name = "switchlora"
+
+    def __init__(self, cfg, seed: int):
+        super().__init__(cfg, seed)
+        self.pools: list[tuple[VectorPool, VectorPool]] = []
+        self.switches = 0
+        self._pending_state: dict | None = None
+
+    def scale(self) -> float:
+        return 1.0 / self.cfg.rank
+
+    # -- init ------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, weight_decay: float, step: int = 0) -> list[dict]:
+        r = self.cfg.rank
+        self.adapters = wrap_linears(model, self.cfg.targets, r, self.scale(), self.cfg.dropout)
+        self.pools = []
+        for index, (_, m) in enumerate(self.adapters):
+            bound_a, bound_b = init_bounds(m.in_features, m.out_features, r)
+            size = min(m.in_features, m.out_features)
+            pa = VectorPool(size, r, m.in_features, bound_a, self.seed, index, PURPOSE_POOL_A)
+            pb = VectorPool(size, r, m.out_features, bound_b, self.seed, index, PURPOSE_POOL_B)
+            self.pools.append((pa, pb))
+            if not m.weight.is_meta:
+                self._init_layer(m, pa, pb)
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state)
+        return self.set_phase(model, weight_decay, step)
+
+    @torch.no_grad()
+    def _init_layer(self, m: LoRALinear, pa: VectorPool, pb: VectorPool) -> None:
+        r, w = self.cfg.rank, m.weight
+        dt = torch.promote_types(w.dtype, torch.float32)  # never below fp32 (a test runs fp64)
+        A = torch.stack([pa.fresh(i) for i in range(r)]).to(w.device, dt)
+        B = torch.stack([pb.fresh(i) for i in range(r)], dim=1).to(w.device, dt)
+        m.lora_A.copy_(A)
+        m.lora_B.copy_(B)
+        # W0 - s B A: the wrapped layer computes exactly what W0 did.
+        w.copy_(torch.addmm(w.to(dt), B, A, alpha=-float(m.lora_scale)))
+
+    def make_optimizer(self, groups: list[dict], opt_cfg) -> torch.optim.Optimizer:
+        return VectorAdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps)
+
+    # -- each step -------------------------------------------------------------------------
+    def switches_per_step(self, step: int, max_steps: int) -> float:
+        """Expected switches of A rows (and of B columns) per layer after step `step` (1-based
+        count of finished steps, i.e. t + 1 for the 0-based step t just taken)."""
+        c = self.cfg
+        rate = c.switch_decay_base ** (step / (c.switch_ratio * max_steps))
+        return c.rank * rate / c.switch_interval0
+
+    def after_step(self, step: int, ctx: StepContext) -> str | None:
+        expected = self.switches_per_step(step, ctx.max_steps)
+        whole, frac = int(expected), expected - int(expected)
+        switched = 0
+        for index, (_, m) in enumerate(self.adapters):
+            pa, pb = self.pools[index]
+            if not (pa.can_switch() and pb.can_switch()):
+                continue  # min(m, n) <= r: no candidates beyond the vectors in use
+            g = seeded_generator(self.seed, step, index, PURPOSE_SWITCH)
+            k = whole + int(torch.rand(1, generator=g).item() < frac)
+            if k:
+                switched += self.switch_layer(step, m, pa, pb, k, g, ctx)
+        self.switches += switched
+        return "switch" if switched else None
+
+    @torch.no_grad()
+    def switch_layer(self, step: int, m: LoRALinear, pa: VectorPool, pb: VectorPool, k: int,
+                     g: torch.Generator, ctx: StepContext) -> int:
+        rows = _choose(pa.eligible(step), k, g)
+        eng, s, freeze = ctx.engine, float(m.lora_scale), self.cfg.freeze_steps
+        W, A, B = eng.read_param(m.weight), eng.read_param(m.lora_A), eng.read_param(m.lora_B)
+        if rows:
+            I = torch.tensor(rows, device=A.device)
+            C = torch.stack([pa.switch(i, A[i]) for i in rows]).to(A.device)
+            W.addmm_(B[:, I], A[I] - C, alpha=s)
+            A[I] = C
+            for i in rows:
+                pb.frozen_until[i] = step + freeze
+        # Columns are chosen after the row switches so that a column frozen just now is skipped.
+        cols = _choose(pb.eligible(step), k, g)
+        if cols:
+            J = torch.tensor(cols, device=B.device)
+            D = torch.stack([pb.switch(j, B[:, j]) for j in cols], dim=1).to(B.device)
+            W.addmm_(B[:, J] - D, A[J], alpha=s)
+            B[:, J] = D
+            for j in cols:
+                pa.frozen_until[j] = step + freeze
+        eng.write_param(m.weight, W)
+        eng.write_param(m.lora_A, A)
+        eng.write_param(m.lora_B, B)
+        # The counterpart's moments were accumulated against the vector that is gone.
+        self._restart_vectors(eng, m.lora_B, cols=rows)
+        self._restart_vectors(eng, m.lora_A, rows=cols)
+        return len(rows) + len(cols)
+
+    def _restart_vectors(self, eng, p: nn.Parameter, rows=(), cols=()) -> None:
+        """Zero the Adam moments of the given rows/columns of `p` and set their step counters to
+        -freeze_steps: VectorAdamW leaves them still for freeze_steps steps, then restarts
+        them as fresh Adam elements."""
+        if not rows and not cols:
+            return
+        dim, idx = (0, rows) if rows else (1, cols)
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = eng.read_state(p, key)
+            if t is not None:
+                eng.write_state(p, key, t.index_fill_(dim, torch.tensor(idx, device=t.device), 0.0))
+        t = eng.read_state(p, "step")
+        if t is None:
+            t = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if t.shape != p.shape:
+            raise RuntimeError("SwitchLoRA needs per-element step counters (trainer.optim.VectorAdamW); "
+                               f"the optimizer's 'step' has shape {tuple(t.shape)}")
+        eng.write_state(p, "step", t.index_fill_(dim, torch.tensor(idx, device=t.device), -float(self.cfg.freeze_steps)))
+
+    # -- resume ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"switches": self.switches, "pools": [[pa.state_dict(), pb.state_dict()] for pa, pb in self.pools]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self.pools:  # called before apply(): keep it until the pools exist
+            self._pending_state = state
+            return
+        if len(state["pools"]) != len(self.pools):
+            raise ValueError(f"SwitchLoRA state has {len(state['pools'])} layers, the model {len(self.pools)}")
+        self.switches = int(state.get("switches", 0))
+        for (pa, pb), (sa, sb) in zip(self.pools, state["pools"]):
+            pa.load_state_dict(sa)
+            pb.load_state_dict(sb)
+        self._pending_state = None
+
+    # -- accounting ------------------------------------------------------------------------
+    def candidate_memory(self) -> dict:
+        """Bytes held for candidates now, their bound, and what the reference would hold."""
+        stored_vectors = sum(len(pa.store) + len(pb.store) for pa, pb in self.pools)
+        stored = sum(pa.stored_bytes() + pb.stored_bytes() for pa, pb in self.pools)
+        shapes = [(m.in_features, m.out_features) for _, m in self.adapters]
+        return dict(stored_vectors=stored_vectors, stored_bytes=stored,
+                    **pool_memory(shapes, self.cfg.rank))
+
+    def describe(self, model: nn.Module) -> str:
+        mem = self.candidate_memory()
+        return (super().describe(model) + f"; candidate store {mem['stored_bytes'] / 2**20:.1f} MiB now, "
+                f"<= {mem['bound_bytes'] / 2**20:.1f} MiB (reference pools {mem['reference_bytes'] / 2**20:.1f} MiB)")
+
+
+def _choose(eligible: list[int], k: int, g: torch.Generator) -> list[int]:
+    if not eligible:
+        return []
+    pick = torch.randperm(len(eligible), generator=g)[:k].tolist()
+    return sorted(eligible[j] for j in pick)
+
+
+def pool_memory(shapes, rank: int, bytes_per: int = 4) -> dict:
+    """Candidate memory for wrapped layers of (in, out) shapes, without building anything:
+    `bound_bytes`, the most this implementation stores (every slot trained and switched out);
+    `reference_bytes`, the reference's dense pools (min(m, n) vectors per side, from step 0);
+    `weight_bytes`, the wrapped weights themselves, for scale."""
+    bound = reference = weights = 0
+    for n, m in shapes:
+        size = min(n, m)
+        weights += n * m * bytes_per
+        reference += size * (n + m) * bytes_per
+        bound += max(0, size - rank) * (n + m) * bytes_per
+    return dict(bound_bytes=bound, reference_bytes=reference, weight_bytes=weights)
+
+
+def model_pool_memory(args, rank: int, targets=tuple(TARGETS)) -> dict:
+    """pool_memory for a named model size (trainer.model.ModelArgs), e.g. for the docs."""
+    h, f, kv = args.hidden_size, args.intermediate_size, args.num_kv_heads * args.head_dim
+    per_layer = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, f), "up": (h, f), "down": (f, h)}
+    return pool_memory([per_layer[t] for t in targets] * args.num_layers, rank)
