@@ -89,7 +89,10 @@ def compose(config_path, overrides=(), *, nodes: int = 1, node_rank: int = 0, ma
         if cpu:
             env["ACCELERATE_USE_CPU"] = "1"
     if cpu:
-        threads = max(1, (os.cpu_count() or 1) // gpus_per_node)
+        # Oversubscribed cores make gloo crawl (seconds per step): honour OMP_NUM_THREADS, then
+        # the CPUs SLURM gave this task, then the CPUs this process may run on.
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+        threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, cpus // gpus_per_node))
         argv += ["--num_cpu_threads_per_process", str(threads)]
     argv += ["--module", module]
     if config_path:

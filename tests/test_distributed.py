@@ -12,6 +12,8 @@ tests/dist_worker.py checks many things and module-scoped fixtures share it:
 from __future__ import annotations
 
 import json
+import os
+from unittest import mock
 import shutil
 import socket
 import subprocess
@@ -180,8 +182,10 @@ def run_two_machines(run_dir: Path, deepspeed: str, cache: Path, timeout: int = 
     port = free_port()
     procs = []
     for rank in (0, 1):
-        argv, env = compose(None, LOOP + [f"run.dir={run_dir}"], nodes=2, node_rank=rank, main_ip="127.0.0.1",
-                            main_port=port, gpus_per_node=1, deepspeed=deepspeed)
+        # Both "machines" share this host's cores: one thread each, or gloo crawls.
+        with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
+            argv, env = compose(None, LOOP + [f"run.dir={run_dir}"], nodes=2, node_rank=rank, main_ip="127.0.0.1",
+                                main_port=port, gpus_per_node=1, deepspeed=deepspeed)
         assert argv[argv.index("--machine_rank") + 1] == str(rank)
         log = open(run_dir.parent / f"{run_dir.name}-machine{rank}.log", "w")
         env = child_env({**env, "LRPT_CACHE": str(cache)})
