@@ -12,12 +12,17 @@ EPILOG = """examples:
   lrpt train configs/experiments/micro-relora.yaml train.max_steps=200
   lrpt train strategy.name=switchlora strategy.rank=16 run.dir=runs/sw
   lrpt data prepare corpus/*.txt --out data/mycorpus --vocab-size 8192
+  lrpt data describe data/mycorpus
   lrpt launch configs/experiments/micro-relora.yaml --nodes 1 --gpus-per-node 2
   lrpt slurm submit configs/experiments/relora-130m.yaml --nodes 4 --gpus-per-node 8 --deepspeed zero2
+  lrpt slurm status runs/relora-130m
   lrpt comm runs/full runs/relora --json
   lrpt eval runs/relora
+  lrpt analyze runs/relora
   lrpt plot runs/full runs/relora --out plots/
+  lrpt compare configs/experiments/micro-full.yaml configs/experiments/micro-relora.yaml --out runs/compare
   lrpt export runs/relora hf/relora-micro
+  lrpt bench --model micro --steps 20
 """
 
 
@@ -42,7 +47,10 @@ def cmd_data(a) -> int:
     if a.data_cmd == "prepare":
         out = data.prepare(a.sources, a.out, tokenizer_path=a.tokenizer, vocab_size=a.vocab_size,
                            val_fraction=a.val_fraction, text_field=a.text_field, hf_split=a.split,
-                           hf_config=a.hf_config, max_documents=a.max_documents, overwrite=a.overwrite)
+                           hf_config=a.hf_config, max_documents=a.max_documents, overwrite=a.overwrite,
+                           # Progress bars only on a terminal: the BPE trainer's bar writes
+                           # blank lines to a redirected stdout.
+                           progress=sys.stdout.isatty() and sys.stderr.isatty())
         print(data.describe(out))
         print(f"prepared: {out}\ntrain on it with: lrpt train data.source={out}")
     else:
@@ -57,7 +65,15 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def _check_run_dirs(paths: list[str]) -> None:
+    """Fail in one line on a path that is no run directory (the tools would quietly do nothing)."""
+    for path in paths:
+        if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            raise FileNotFoundError(f"{path!r} is not a run directory (no metrics.jsonl)")
+
+
 def cmd_analyze(a) -> int:
+    _check_run_dirs(a.runs)
     from trainer.dynamics import analyze_run
     for run in a.runs:
         rows = analyze_run(run)
@@ -66,6 +82,7 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_plot(a) -> int:
+    _check_run_dirs(a.runs)
     from trainer.plots import plot_runs
     for path in plot_runs(a.runs, a.out):
         print(path)

@@ -319,7 +319,7 @@ def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | No
     out = Path(out_dir).expanduser()
     if _is_nonempty_dir(out) and not overwrite:
         raise DataError(f"output directory {str(out)!r} exists and is not empty "
-                        f"(pass overwrite=True to replace it)")
+                        f"(pass overwrite=True, or --overwrite to `lrpt data prepare`, to replace it)")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
     if shard_tokens < 1:
