@@ -12,8 +12,8 @@ from trainer.config import load_config  # noqa: E402
 
 FAST = ["model.name=micro", "data.seq_len=32", "data.batch_size=4", "logging.log_every=1",
         "logging.eval_every=0", "logging.eval_batches=1", "logging.blimp_every=0", "logging.progress=false",
-        "logging.tensorboard=false", "schedule.warmup_steps=2", "train.max_steps=12", "checkpoint.every=3"]
-RELORA = ["strategy.name=relora", "strategy.rank=4", "strategy.reset_every=4", "strategy.restart_warmup=2"]
+        "logging.tensorboard=false", "schedule.warmup_steps=2", "train.max_steps=8", "checkpoint.every=2"]
+RELORA = ["strategy.name=relora", "strategy.rank=4", "strategy.reset_every=3", "strategy.restart_warmup=1"]
 SWITCH = ["strategy.name=switchlora", "strategy.rank=8", "strategy.switch_interval0=1", "strategy.switch_ratio=10",
           "strategy.freeze_steps=3", "optimizer.lr=3e-3"]
 
@@ -30,37 +30,36 @@ def run(tmp_path, name, *overrides):
     return loop.train(load_config(None, [*FAST, f"run.dir={tmp_path / name}", *overrides]))
 
 
-@pytest.mark.parametrize("strategy,stop_at", [
-    (RELORA, 6),  # between the merges after steps 4 and 8
-    (RELORA + ["strategy.warm_start_steps=3"], 5),  # after the rewrap at 3, before the merge at 7
-    (SWITCH, 6),  # switches every step; vectors switched at step 6 are frozen for 3 steps
+@pytest.mark.parametrize("strategy,stop_at,events", [
+    (RELORA, 4, {3: "merge", 6: "merge"}),  # stopped between two merges
+    (RELORA + ["strategy.warm_start_steps=2"], 4, {2: "rewrap", 5: "merge", 8: "merge"}),  # after the rewrap
+    (SWITCH, 4, {4: "switch"}),  # vectors switched at step 4 are frozen for 3 more steps
 ], ids=["relora-mid-cycle", "relora-after-warm-start", "switchlora-frozen"])
-def test_resume_matches_uninterrupted_run(tmp_path, strategy, stop_at):
+def test_resume_matches_uninterrupted_run(tmp_path, strategy, stop_at, events):
     full = run(tmp_path, "full", *strategy)
-    twin = run(tmp_path, "twin", *strategy)
-    assert losses(twin) == losses(full)  # same seed, same decisions, same losses
-    events = {r["step"]: r["event"] for r in records(full) if "event" in r}
+    logged = {r["step"]: r["event"] for r in records(full) if "event" in r}
+    assert events.items() <= logged.items()
     part = run(tmp_path, "part", *strategy, f"train.stop_at={stop_at}")
     assert max(losses(part)) == stop_at
     run(tmp_path, "part", *strategy)
-    assert losses(part) == losses(full)
-    if "strategy.name=switchlora" in strategy:
-        assert events.get(stop_at) == "switch"
-    elif "strategy.warm_start_steps=3" in strategy:
-        assert events[3] == "rewrap" and events[7] == "merge" and events[11] == "merge"
-    else:
-        assert events[4] == events[8] == events[12] == "merge"
+    assert losses(part) == losses(full)  # bitwise, over the merge / switches after the resume
+
+
+def test_same_seed_same_losses(tmp_path):
+    a = run(tmp_path, "a", *SWITCH, "train.max_steps=4")
+    b = run(tmp_path, "b", *SWITCH, "train.max_steps=4")
+    assert losses(a) == losses(b) and len(losses(a)) == 4
 
 
 def test_lrpt_train_relora_on_embedded_default(tmp_path):
     out = subprocess.run([sys.executable, "-m", "launcher.cli", "train", "strategy.name=relora",
-                          f"run.dir={tmp_path / 'r'}", "train.max_steps=40", "strategy.reset_every=10",
-                          "strategy.restart_warmup=3", "logging.eval_every=40", "logging.progress=false",
-                          "logging.tensorboard=false"],
+                          f"run.dir={tmp_path / 'r'}", "train.max_steps=24", "strategy.reset_every=8",
+                          "strategy.restart_warmup=2", "schedule.warmup_steps=4", "logging.eval_every=24",
+                          "logging.eval_batches=2", "logging.progress=false", "logging.tensorboard=false"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "strategy relora" in out.stdout and "trainable share" in out.stdout
     recs = records(tmp_path / "r")
-    assert [r["step"] for r in recs if r.get("event") == "merge"] == [10, 20, 30, 40]
+    assert [r["step"] for r in recs if r.get("event") == "merge"] == [8, 16, 24]
     vals = [r["val_loss"] for r in recs if "val_loss" in r]
     assert vals[-1] < vals[0] - 0.5
