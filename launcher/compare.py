@@ -7,8 +7,8 @@ A sweep file (configs/experiments/compare-*.yaml) names the runs:
     sweep:
       common: {model: {name: micro}, train: {max_steps: 300}}   # every run
       runs:
-        full: {strategy: {name: full}}
-        relora: {strategy: {name: relora, reset_every: 100}}
+        full: micro-full.yaml                                   # a config file, or
+        relora: {strategy: {name: relora, reset_every: 100}}    # overrides of the defaults
 """
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def _runs_from(configs: list[str]) -> dict[str, dict]:
             out = {}
             for name, spec in runs.items():
                 merged: dict = {}
+                if isinstance(spec, str):  # a config file, relative to the sweep file
+                    _deep_merge(merged, _read_yaml(Path(configs[0]).parent / spec))
+                    spec = {}
                 _deep_merge(merged, json.loads(json.dumps(common)))
                 _deep_merge(merged, spec or {})
                 out[name] = merged

@@ -59,6 +59,6 @@ def test_describe_lists_every_key_with_comment():
 def test_shipped_configs_load():
     from pathlib import Path
     for path in sorted(Path("configs").rglob("*.yaml")):
-        if "accelerate" in path.parts:
+        if "accelerate" in path.parts or path.read_text().lstrip("# \n").startswith("sweep:") or "\nsweep:" in path.read_text():
             continue
         assert isinstance(load_config(path), Config), path

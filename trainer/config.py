@@ -154,7 +154,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """Defaults <- YAML file (may `include:` other YAML files) <- `a.b=c` overrides."""
     cfg = Config()
     if path:
-        apply_dict(cfg, _read_yaml(Path(path)))
+        try:
+            apply_dict(cfg, _read_yaml(Path(path)))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") if str(path) not in str(e) else e
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer.comm import CommMeter
-from trainer.config import Config, save_config
+from trainer.config import Config, ConfigError, save_config
 from trainer.data import BatchLoader, PreparedData, eval_batches, resolve_dataset
 from trainer.distributed import build_accelerator, check_consistency, prepare
 from trainer.engine import Engine
@@ -112,19 +112,20 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = acc = build_accelerator(cfg)
         self.rank, self.world = acc.process_index, acc.num_processes
+        # Data first: a bad data.source or vocabulary must not leave a stray run directory.
+        with acc.main_process_first():  # rank 0 builds the embedded corpus, the others reuse it
+            self.data = PreparedData(resolve_dataset(cfg.data))
+        self.args = model_args(cfg.model, cfg.data.seq_len, self.data.vocab_size)
+        if self.args.vocab_size < self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.args.vocab_size}: expected at least the tokenizer's "
+                              f"vocabulary ({self.data.vocab_size}), or 0 to take it from the tokenizer")
+
         self.run_dir = Path(_broadcast_str(cfg.run.dir or default_run_dir(cfg))).resolve()
         cfg.run.dir = str(self.run_dir)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.ckpt_root = self.run_dir / "checkpoints"
-
-        with acc.main_process_first():  # rank 0 builds the embedded corpus, the others reuse it
-            self.data = PreparedData(resolve_dataset(cfg.data))
-        self.args = model_args(cfg.model, cfg.data.seq_len, self.data.vocab_size)
-        if self.args.vocab_size < self.data.vocab_size:
-            raise ValueError(f"model.vocab_size={self.args.vocab_size} is smaller than the tokenizer's "
-                             f"vocabulary ({self.data.vocab_size})")
 
         if acc.is_main_process:  # the resolved shape, for export, bench and analysis tools
             from dataclasses import asdict
@@ -406,20 +407,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
+    from trainer.data import DataError
+    from trainer.distributed import DistributedError
     try:
         cfg = load_config(path, overrides)
+        train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from trainer.data import DataError
-    try:
-        train(cfg)
     except Preempted:
         return EXIT_PREEMPTED
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, DistributedError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
