@@ -21,8 +21,10 @@ install: $(BIN)/lrpt
 run: install
 	$(BIN)/lrpt train
 
+# One torch thread per process: multi-process tests share 2 cores, and oversubscribed
+# threads make gloo and small matmuls crawl (5-10x slower).
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -336,12 +336,13 @@ class Trainer:
                 self.log({"step": st.step, "tokens": st.tokens, **dyn})
 
             event = self.strategy.after_step(st.step, ctx)
-            if event or (cfg.distributed.guard_every and st.step % cfg.distributed.guard_every == 0):
+            if self.world > 1 and (event or (cfg.distributed.guard_every and st.step % cfg.distributed.guard_every == 0)):
                 check_consistency(self.engine, st.step)
             st.elapsed_s += time.perf_counter() - t0
 
             last = st.step == cfg.train.max_steps
-            if st.step % cfg.logging.log_every == 0 or last or event:
+            # Merges get a record of their own; switches happen most steps early on and don't.
+            if st.step % cfg.logging.log_every == 0 or last or (event and event != "switch"):
                 dt = time.perf_counter() - window_t0
                 comm_bytes, comm_s, _ = self.comm.pop()
                 st.comm_bytes_total += comm_bytes

@@ -53,8 +53,14 @@ class Strategy:
         return self.param_groups(model, weight_decay)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        """Groups over the currently trainable parameters (called again after a rewrap)."""
-        return configure_optimizer_groups(model.named_parameters(), weight_decay)
+        """Groups over the currently trainable parameters (called again after a rewrap).
+        Adapters get groups of their own: DeepSpeed keeps one Adam step count per flat group,
+        and adapters born at a rewrap must not inherit the embeddings' count."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        adapters = [(n, p) for n, p in named if "lora_" in n]
+        others = [(n, p) for n, p in named if "lora_" not in n]
+        return (configure_optimizer_groups(others, weight_decay)
+                + configure_optimizer_groups(adapters, weight_decay))
 
     def rewrap(self, model: nn.Module, step: int, weight_decay: float) -> list[dict]:
         """Called by the loop when `needs_rewrap(step)`: set requires_grad for step `step` on
