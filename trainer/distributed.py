@@ -105,7 +105,7 @@ def _free_port() -> int:
 def build_accelerator(cfg):
     """The Accelerator for this process (see the module docstring for the traps)."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     device = resolve_device(cfg)
     cpu = device == "cpu"
@@ -142,9 +142,14 @@ def build_accelerator(cfg):
             # A plain single process has no process group: a backend handler would make
             # Accelerate query one that was never initialised.
             single = "LOCAL_RANK" not in os.environ and launched_world == 1
+            # No buffer broadcast before each forward: our buffers (RoPE tables, LoRA scales)
+            # are constants every rank computes alike, and DDP's default re-sends them from
+            # rank 0 at every synchronised step, traffic beside the gradients that the comm
+            # hook does not see.
+            ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
             acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg, device),
                               gradient_accumulation_steps=cfg.train.grad_accum,
-                              kwargs_handlers=[] if single else handlers)
+                              kwargs_handlers=[] if single else handlers + [ddp_kwargs])
     if acc.num_processes != launched_world:
         raise DistributedError(
             f"launched as {launched_world} processes but the process group has {acc.num_processes}: "
