@@ -92,9 +92,15 @@ def comparison_table(run_dirs: list[Path]) -> str:
     full = next((d for d in run_dirs if load_config(d / "config.yaml").strategy.name == "full"), None)
     comm_rows = {Path(r["run"]).name: r for r in comm_report([str(d) for d in run_dirs],
                                                              full_rank_run=str(full) if full else None)}
-    header = ("| run | strategy | train loss | val loss | val ppl | minimal pairs | trainable | bytes/step "
-              "| saving vs full | tokens/s | train time |")
-    lines = [header, "|" + "|".join(["---"] * 11) + "|"]
+    header = ("| run | strategy | train loss | val loss | val ppl | minimal pairs | trainable | DDP bytes/step "
+              "| measured bytes/step | saving vs full | tokens/s | train time |")
+    lines = [header, "|" + "|".join(["---"] * 12) + "|"]
+    # Gradient payload of one data-parallel step: every trainable fp32 parameter once, whatever
+    # the world size (a 1-process run measures no traffic, but the comparison still holds).
+    full_bytes = None
+    if full is not None:
+        full_recs = [r for r in _records(full) if "total_params" in r]
+        full_bytes = 4 * full_recs[-1]["total_params"] if full_recs else None
     for d in run_dirs:
         recs = _records(d)
         cfg = load_config(d / "config.yaml")
@@ -105,11 +111,13 @@ def comparison_table(run_dirs: list[Path]) -> str:
         c = comm_rows.get(d.name, {})
         speed = [r["tokens_per_s"] for r in train[1:]] or [last.get("tokens_per_s", float("nan"))]
         share = last.get("trainable_params", 0) / max(1, last.get("total_params", 1))
+        ddp_bytes = 4 * last.get("trainable_params", 0)
+        measured = c.get("measured_bytes_per_step") if c.get("world_size", 1) > 1 else None
         lines.append("| " + " | ".join([
             d.name, cfg.strategy.name, f"{last.get('loss', float('nan')):.4f}",
             f"{val.get('val_loss', float('nan')):.4f}", f"{val.get('val_ppl', float('nan')):.2f}",
             f"{blimp.get('blimp_acc', float('nan')):.3f}", f"{100 * share:.1f}%",
-            _mb(c.get("measured_bytes_per_step")), _pct(c.get("saving_vs_full")),
+            _mb(ddp_bytes), _mb(measured), _pct(1 - ddp_bytes / full_bytes if full_bytes else None),
             f"{sum(speed) / len(speed):,.0f}", f"{last.get('elapsed_s', float('nan')):.0f} s"]) + " |")
     return "\n".join(lines)
 

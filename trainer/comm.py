@@ -320,7 +320,7 @@ def analytic_bytes_per_step(trainable_bytes: int, world_size: int, engine: str =
            with k = grad_accum. With accumulation ZeRO-1 moves fewer bytes.
     zero3  as zero2 for gradients, plus every parameter (frozen W included, total bytes P)
            all-gathered in each forward and backward of each micro-batch: k T + 2 k P.
-    (ZeRO also all-reduces the 8-byte global gradient norm when clipping; not counted here.)
+    (ZeRO also all-reduces the gradient norm when clipping, 4 bytes per flat optimizer group; not counted here.)
     """
     if world_size <= 1:
         return 0

@@ -1,0 +1,36 @@
+"""`lrpt compare`: several runs at one budget -> a Markdown table and plots; re-running skips
+finished runs (an interrupted sweep resumes only what did not finish)."""
+import subprocess
+import sys
+
+SWEEP = """
+sweep:
+  common:
+    model: {name: micro}
+    data: {seq_len: 32, batch_size: 4, embedded_sentences: 2000, embedded_vocab: 300}
+    train: {max_steps: 4}
+    logging: {log_every: 1, eval_every: 2, eval_batches: 1, progress: false, tensorboard: false, dynamics_every: 2}
+    schedule: {warmup_steps: 1}
+  runs:
+    full: {strategy: {name: full}}
+    relora: {strategy: {name: relora, rank: 4, reset_every: 2, restart_warmup: 1}}
+"""
+
+
+def test_compare_writes_table_and_plots_and_skips_finished(tmp_path, lrpt_cache, monkeypatch):
+    monkeypatch.setenv("LRPT_CACHE", str(lrpt_cache))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "launcher.cli", "compare", str(sweep), "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    table = (out / "comparison.md").read_text().splitlines()
+    assert table[0].startswith("| run | strategy | train loss | val loss")
+    rows = {line.split("|")[1].strip(): line for line in table[2:]}
+    assert set(rows) == {"full", "relora"}
+    assert "0.0%" in rows["full"] and "n/a" not in rows["relora"].split("|")[10]  # saving computed
+    pngs = list((out / "plots").glob("*.png"))
+    assert {"loss.png", "lr.png"} <= {p.name for p in pngs} and all(p.stat().st_size > 1000 for p in pngs)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and second.stdout.count("already finished") == 2
