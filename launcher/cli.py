@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from launcher import launch, slurm
+
 EPILOG = """examples:
   lrpt train                                    # embedded default: micro model, generated corpus, CPU
   lrpt train configs/experiments/micro-relora.yaml train.max_steps=200
@@ -106,12 +108,10 @@ def cmd_comm(a) -> int:
 
 
 def cmd_launch(a) -> int:
-    from launcher import launch
     return launch.main(a)
 
 
 def cmd_slurm(a) -> int:
-    from launcher import slurm
     return slurm.main(a)
 
 
@@ -190,19 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser("launch", help="compose and run `accelerate launch` for one node of a run")
     la.set_defaults(fn=cmd_launch)
-    try:
-        from launcher import launch
-        launch.add_arguments(la)
-    except ImportError:
-        pass
+    launch.add_arguments(la)
 
     sl = sub.add_parser("slurm", help="submit a run to SLURM or show its status")
     sl.set_defaults(fn=cmd_slurm)
-    try:
-        from launcher import slurm
-        slurm.add_arguments(sl)
-    except ImportError:
-        pass
+    slurm.add_arguments(sl)
 
     co = sub.add_parser("compare", help="train several configs at one token budget and tabulate them")
     co.add_argument("configs", nargs="+", help="YAML configs, or one sweep file from configs/experiments/")

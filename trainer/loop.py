@@ -192,7 +192,6 @@ class Trainer:
         for _, p in module.named_parameters():  # masters -> module copy before re-wrapping
             p.data.copy_(self.engine.read_param(p).to(p.dtype))
         groups = self.strategy.rewrap(module, step, self.cfg.optimizer.weight_decay)
-        self.accelerator.free_memory()
         self._build_engine(module, groups)
         trainable = {n for n, _ in self.engine.trainable()}
         self.engine.load_optimizer_state_dict({n: s for n, s in kept.items() if n in trainable})
