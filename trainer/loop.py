@@ -127,9 +127,6 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.ckpt_root = self.run_dir / "checkpoints"
 
-        if acc.is_main_process:  # the resolved shape, for export, bench and analysis tools
-            from dataclasses import asdict
-            (self.run_dir / "model.json").write_text(json.dumps(asdict(self.args), indent=1))
         seed = cfg.train.seed
         random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
         if cfg.model.init_from:  # continued pretraining: the checkpoint's shape wins
@@ -139,6 +136,9 @@ class Trainer:
             load_hf_into(module, cfg.model.init_from)
         else:
             module = Transformer(self.args)
+        if acc.is_main_process:  # the resolved shape, for export, bench and analysis tools
+            from dataclasses import asdict
+            (self.run_dir / "model.json").write_text(json.dumps(asdict(self.args), indent=1))
         self.strategy = build_strategy(cfg.strategy, seed)
         self.state = TrainState()
         self.resume_from = ckpt.find_latest(self.ckpt_root) if cfg.run.resume else None
