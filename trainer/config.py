@@ -15,8 +15,7 @@ from pathlib import Path
 import yaml
 
 
-class ConfigError(ValueError):
-    """A bad key, type or value in a config file or override."""
+from trainer.errors import ConfigError  # noqa: F401  (re-exported: `from trainer.config import ConfigError`)
 
 
 @dataclass

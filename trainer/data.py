@@ -47,8 +47,7 @@ EMBEDDED_VAL_FRACTION = 0.05
 EMBEDDED_PAIRS_PER_PHENOMENON = 200
 
 
-class DataError(ValueError):
-    """A problem with a data source, a prepared directory or a loader's arguments."""
+from trainer.errors import DataError  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,12 +30,7 @@ from trainer import comm
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
 
-class DistributedError(RuntimeError):
-    """A set-up that would train wrongly (e.g. independent single processes)."""
-
-
-class ConsistencyError(RuntimeError):
-    """Ranks hold different weights."""
+from trainer.errors import ConsistencyError, DistributedError  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,15 +33,7 @@ from trainer.model import Transformer, humanize, model_args
 from trainer.strategies import build_strategy
 from trainer.strategies.base import StepContext
 
-EXIT_PREEMPTED = 85  # stopped on SIGUSR1/SIGTERM with a checkpoint written: requeue me
-
-
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is written; the CLI exits with EXIT_PREEMPTED."""
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+from trainer.errors import EXIT_PREEMPTED, NonFiniteLoss, Preempted  # noqa: F401
 
 
 @dataclass

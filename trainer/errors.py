@@ -1,0 +1,53 @@
+"""What can stop a run, and the exit code each stop gives. Torch-free: the launcher (and the
+SLURM script it renders) read the codes without importing the trainer.
+
+One map from exception to exit code serves `lrpt train`, `python -m trainer` and every other
+`lrpt` verb, so a user error is one line on stderr and a known code everywhere.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the run failed (a non-finite loss, ranks out of step)
+EXIT_USAGE = 2  # bad config, bad data, missing file: nothing was trained
+EXIT_PREEMPTED = 85  # stopped on SIGUSR1/SIGTERM with a checkpoint written: requeue me
+
+
+class ConfigError(ValueError):
+    """A bad key, type or value in a config file or override."""
+
+
+class DataError(ValueError):
+    """A problem with a data source, a prepared directory or a loader's arguments."""
+
+
+class DistributedError(RuntimeError):
+    """A set-up that would train wrongly (e.g. independent single processes)."""
+
+
+class ConsistencyError(RuntimeError):
+    """Ranks hold different weights."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; nothing was saved over the last good checkpoint."""
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written."""
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code for an exception the user should see as one line; None for a bug (let
+    the traceback through)."""
+    if isinstance(exc, Preempted):
+        return EXIT_PREEMPTED
+    if isinstance(exc, (ConfigError, DataError, DistributedError, FileNotFoundError)):
+        return EXIT_USAGE
+    if isinstance(exc, (NonFiniteLoss, ConsistencyError)):
+        return EXIT_FAILED
+    return None
+
+
+def message(exc: BaseException) -> str:
+    """The one line printed for `exc` (config errors say so, the rest are plain errors)."""
+    return f"{'config error' if isinstance(exc, ConfigError) else 'error'}: {exc}"
