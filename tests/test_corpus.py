@@ -2,7 +2,7 @@
 one-word edits that break exactly the rule they name."""
 import collections
 
-from trainer import corpus
+from trainer.data import corpus
 
 # The grammar's own lexicon, as lookups a test can parse sentences with.
 NOUN_NUMBER = {sg: "sg" for kind in corpus.NOUNS.values() for sg, _, _ in kind}

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainer import corpus, data
+from trainer import data
+from trainer.data import corpus
+from trainer.data.prepare import _is_val
 from trainer.config import DataConfig
 
 VOCAB = 320  # 256 bytes + EOS + a few merges: trains in milliseconds
@@ -62,7 +64,7 @@ def test_prepare_txt_index_and_round_trip(prepared, docs):
     # Whole documents, each exactly once, decoded byte for byte; the split is the seeded hash's.
     assert sorted(train + val) == sorted(docs)
     assert 0 < len(val) < 0.25 * len(docs) and not set(train) & set(val)
-    first_split = "val" if data._is_val(0, 3, 0.1) else "train"
+    first_split = "val" if _is_val(0, 3, 0.1) else "train"
     assert split_documents(d, first_split)[0] == docs[0]
     assert d.num_documents("train") == len(train)
     assert d.minimal_pairs_path is None

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-
 from trainer.errors import ConfigError  # noqa: F401  (re-exported: `from trainer.config import ConfigError`)
+from trainer.shapes import PROJECTIONS, SIZES, model_args
+from trainer.strategies import STRATEGIES  # torch-free: the registry holds names only
 
 
 @dataclass
@@ -26,7 +29,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "micro"  # a named size (see trainer/model.py SIZES); fields below override it
+    name: str = "micro"  # a named size (see trainer/shapes.py SIZES); fields below override it
     vocab_size: int = 0  # 0 -> the tokenizer's vocabulary size
     hidden_size: int = 0  # 0 -> from the named size
     intermediate_size: int = 0
@@ -45,7 +48,6 @@ class DataConfig:
     source: str = "embedded"  # "embedded" (generated corpus) or a directory from `lrpt data prepare`
     seq_len: int = 128
     batch_size: int = 16  # sequences per micro-batch per process
-    num_workers: int = 0
     embedded_sentences: int = 60000  # size of the generated corpus (source=embedded)
     embedded_vocab: int = 1024  # BPE vocabulary trained on the generated corpus
 
@@ -73,7 +75,7 @@ class StrategyConfig:
     rank: int = 8
     alpha: float = 32.0  # LoRA scale = alpha / rank (SwitchLoRA uses 1 / rank, as the paper)
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
     train_embeddings: bool = True  # the papers keep embeddings, head and norms trainable
     train_head: bool = True
     train_norms: bool = True
@@ -82,7 +84,8 @@ class StrategyConfig:
     warm_start_steps: int = 0  # full-rank steps before the adapters take over
     optimizer_reset: str = "magnitude"  # zero | random | magnitude
     reset_ratio: float = 0.9  # fraction of adapter optimizer state pruned at each merge
-    restart_warmup: int = 100  # linear re-warmup steps after each merge (jagged schedule)
+    restart_warmup: int = 100  # linear re-warmup steps after each merge; unset -> at most reset_every // 2
+    prune_moments: str = "joint"  # joint (one mask for both Adam moments) | independent (a mask each, as the ReLoRA paper)
     # SwitchLoRA
     switch_interval0: float = 40.0  # initial steps between switches of one vector
     switch_ratio: float = 0.1  # switching rate decays as 0.3 ** ((t+1) / (ratio * T))
@@ -97,7 +100,6 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
     stop_at: int = 0  # stop with a checkpoint after this step (time-sliced jobs); 0 = run to max_steps
 
 
@@ -137,9 +139,16 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # The dotted keys a YAML file or an override set; a default that depends on another key
+    # adapts only when the user left it unset. Not a field: neither saved nor validated.
+    set_keys = frozenset()
 
     def validate(self) -> "Config":
+        """Generic checks here; the chosen strategy checks its own keys (and only it: a full
+        run may carry ReLoRA keys it never reads)."""
         _validate(self)
+        module, cls = STRATEGIES[self.strategy.name].split(":")
+        getattr(importlib.import_module(module), cls).check_config(self)  # late: strategies import torch
         return self
 
     def to_dict(self) -> dict:
@@ -152,16 +161,18 @@ class Config:
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults <- YAML file (may `include:` other YAML files) <- `a.b=c` overrides."""
     cfg = Config()
+    keys: set[str] = set()
     if path:
         try:
-            apply_dict(cfg, _read_yaml(Path(path)))
+            keys |= apply_dict(cfg, _read_yaml(Path(path)))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") if str(path) not in str(e) else e
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         key, raw = item.split("=", 1)
-        apply_dict(cfg, _nest(key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        keys |= apply_dict(cfg, _nest(key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    cfg.set_keys = frozenset(keys)
     return cfg.validate()
 
 
@@ -194,23 +205,34 @@ def _nest(dotted: str, value) -> dict:
     return out
 
 
-def apply_dict(obj, data: dict, prefix: str = "") -> None:
-    """Set fields of a (nested) dataclass from a dict, checking names and types."""
+# Keys that did nothing and were removed: the config.yaml of older runs still holds them.
+RETIRED = ("data.num_workers", "train.compile")
+
+
+def apply_dict(obj, data: dict, prefix: str = "") -> set[str]:
+    """Set fields of a (nested) dataclass from a dict, checking names and types; returns the
+    dotted keys it set."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in fields(obj)]
+    done: set[str] = set()
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in RETIRED:
+            warnings.warn(f"config key {full!r} was removed (it did nothing); ignoring it", stacklevel=2)
+            continue
         if key not in names:
             near = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {full!r}{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            apply_dict(current, value, full + ".")
+            done |= apply_dict(current, value, full + ".")
         else:
             setattr(obj, key, _coerce(full, value, hints[key]))
+            done.add(full)
+    return done
 
 
 def _coerce(key: str, value, typ):
@@ -251,82 +273,61 @@ def _coerce(key: str, value, typ):
 # ---------------------------------------------------------------------------------------------
 # Validation: impossible values stop here, with the key named.
 
-def _check(ok: bool, key: str, value, expected: str) -> None:
+def check(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: expected {expected}")
 
 
-def _one_of(key: str, value, options) -> None:
-    _check(value in options, key, value, "one of " + ", ".join(map(str, options)))
+def one_of(key: str, value, options) -> None:
+    check(value in options, key, value, "one of " + ", ".join(map(str, options)))
 
 
 def _validate(c: Config) -> None:
-    from trainer.model import SIZES, model_args  # late: model imports torch
-
-    _one_of("model.name", c.model.name, list(SIZES))
+    one_of("model.name", c.model.name, list(SIZES))
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                  "num_kv_heads", "max_seq_len"):
-        _check(getattr(c.model, name) >= 0, f"model.{name}", getattr(c.model, name), ">= 0 (0 = default)")
+        check(getattr(c.model, name) >= 0, f"model.{name}", getattr(c.model, name), ">= 0 (0 = default)")
     a = model_args(c.model, c.data.seq_len, vocab_size=c.model.vocab_size or 1)
-    _check(a.hidden_size % a.num_heads == 0, "model.hidden_size", a.hidden_size,
+    check(a.hidden_size % a.num_heads == 0, "model.hidden_size", a.hidden_size,
            f"a multiple of model.num_heads={a.num_heads}")
-    _check(a.num_heads % a.num_kv_heads == 0, "model.num_kv_heads", a.num_kv_heads,
+    check(a.num_heads % a.num_kv_heads == 0, "model.num_kv_heads", a.num_kv_heads,
            f"a divisor of model.num_heads={a.num_heads}")
-    _check((a.hidden_size // a.num_heads) % 2 == 0, "model.hidden_size", a.hidden_size,
+    check((a.hidden_size // a.num_heads) % 2 == 0, "model.hidden_size", a.hidden_size,
            "an even head dimension (RoPE rotates pairs)")
-    _check(a.max_seq_len >= c.data.seq_len, "model.max_seq_len", a.max_seq_len, f">= data.seq_len={c.data.seq_len}")
-    _check(c.model.rope_theta > 0, "model.rope_theta", c.model.rope_theta, "> 0")
-    _check(c.model.norm_eps > 0, "model.norm_eps", c.model.norm_eps, "> 0")
-    _check(c.data.seq_len > 0, "data.seq_len", c.data.seq_len, "> 0")
-    _check(c.data.batch_size > 0, "data.batch_size", c.data.batch_size, "> 0")
-    _check(c.data.embedded_sentences >= 1000, "data.embedded_sentences", c.data.embedded_sentences, ">= 1000")
-    _check(c.data.embedded_vocab >= 300, "data.embedded_vocab", c.data.embedded_vocab, ">= 300 (bytes + merges)")
-    _check(c.optimizer.lr > 0, "optimizer.lr", c.optimizer.lr, "> 0")
-    _check(0 <= c.optimizer.beta1 < 1, "optimizer.beta1", c.optimizer.beta1, "in [0, 1)")
-    _check(0 <= c.optimizer.beta2 < 1, "optimizer.beta2", c.optimizer.beta2, "in [0, 1)")
-    _check(c.optimizer.eps > 0, "optimizer.eps", c.optimizer.eps, "> 0")
-    _check(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", c.optimizer.weight_decay, ">= 0")
-    _check(c.optimizer.grad_clip >= 0, "optimizer.grad_clip", c.optimizer.grad_clip, ">= 0 (0 disables)")
-    _check(c.schedule.warmup_steps >= 0, "schedule.warmup_steps", c.schedule.warmup_steps, ">= 0")
-    _check(0 <= c.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", c.schedule.min_lr_ratio, "in [0, 1]")
-    _one_of("schedule.decay", c.schedule.decay, ["cosine", "constant"])
-    s = c.strategy
-    from trainer.strategies import STRATEGIES  # late: strategies import torch
-
-    _one_of("strategy.name", s.name, sorted(STRATEGIES))
-    _check(s.rank > 0, "strategy.rank", s.rank, "> 0")
-    _check(s.alpha > 0, "strategy.alpha", s.alpha, "> 0")
-    _check(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "in [0, 1)")
-    targets = ["q", "k", "v", "o", "gate", "up", "down"]
-    for t in s.targets:
-        _one_of("strategy.targets", t, targets)
-    _check(len(s.targets) > 0, "strategy.targets", s.targets, "at least one of " + ", ".join(targets))
-    _check(s.reset_every > 0, "strategy.reset_every", s.reset_every, "> 0")
-    _check(s.warm_start_steps >= 0, "strategy.warm_start_steps", s.warm_start_steps, ">= 0")
-    _one_of("strategy.optimizer_reset", s.optimizer_reset, ["zero", "random", "magnitude"])
-    _check(0 <= s.reset_ratio <= 1, "strategy.reset_ratio", s.reset_ratio, "in [0, 1]")
-    _check(s.restart_warmup >= 0, "strategy.restart_warmup", s.restart_warmup, ">= 0")
-    _check(s.restart_warmup < s.reset_every, "strategy.restart_warmup", s.restart_warmup,
-           f"< strategy.reset_every={s.reset_every}")
-    _check(s.switch_interval0 > 0, "strategy.switch_interval0", s.switch_interval0, "> 0")
-    _check(s.switch_ratio > 0, "strategy.switch_ratio", s.switch_ratio, "> 0")
-    _check(0 < s.switch_decay_base < 1, "strategy.switch_decay_base", s.switch_decay_base, "in (0, 1)")
-    _check(s.freeze_steps >= 0, "strategy.freeze_steps", s.freeze_steps, ">= 0")
-    _check(c.train.max_steps > 0, "train.max_steps", c.train.max_steps, "> 0")
-    _check(c.train.grad_accum > 0, "train.grad_accum", c.train.grad_accum, "> 0")
-    _check(c.train.stop_at >= 0, "train.stop_at", c.train.stop_at, ">= 0")
-    _check(c.train.seed >= 0, "train.seed", c.train.seed, ">= 0")
-    _one_of("train.device", c.train.device, ["auto", "cpu", "cuda"])
-    _one_of("train.precision", c.train.precision, ["auto", "fp32", "bf16"])
+    check(a.max_seq_len >= c.data.seq_len, "model.max_seq_len", a.max_seq_len, f">= data.seq_len={c.data.seq_len}")
+    check(c.model.rope_theta > 0, "model.rope_theta", c.model.rope_theta, "> 0")
+    check(c.model.norm_eps > 0, "model.norm_eps", c.model.norm_eps, "> 0")
+    check(c.data.seq_len > 0, "data.seq_len", c.data.seq_len, "> 0")
+    check(c.data.batch_size > 0, "data.batch_size", c.data.batch_size, "> 0")
+    check(c.data.embedded_sentences >= 1000, "data.embedded_sentences", c.data.embedded_sentences, ">= 1000")
+    check(c.data.embedded_vocab >= 300, "data.embedded_vocab", c.data.embedded_vocab, ">= 300 (bytes + merges)")
+    check(c.optimizer.lr > 0, "optimizer.lr", c.optimizer.lr, "> 0")
+    check(0 <= c.optimizer.beta1 < 1, "optimizer.beta1", c.optimizer.beta1, "in [0, 1)")
+    check(0 <= c.optimizer.beta2 < 1, "optimizer.beta2", c.optimizer.beta2, "in [0, 1)")
+    check(c.optimizer.eps > 0, "optimizer.eps", c.optimizer.eps, "> 0")
+    check(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", c.optimizer.weight_decay, ">= 0")
+    check(c.optimizer.grad_clip >= 0, "optimizer.grad_clip", c.optimizer.grad_clip, ">= 0 (0 disables)")
+    check(c.schedule.warmup_steps >= 0, "schedule.warmup_steps", c.schedule.warmup_steps, ">= 0")
+    check(0 <= c.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", c.schedule.min_lr_ratio, "in [0, 1]")
+    one_of("schedule.decay", c.schedule.decay, ["cosine", "constant"])
+    one_of("strategy.name", c.strategy.name, sorted(STRATEGIES))
+    for t in c.strategy.targets:  # names, like model.name: wrong whichever strategy is chosen
+        one_of("strategy.targets", t, list(PROJECTIONS))
+    check(c.train.max_steps > 0, "train.max_steps", c.train.max_steps, "> 0")
+    check(c.train.grad_accum > 0, "train.grad_accum", c.train.grad_accum, "> 0")
+    check(c.train.stop_at >= 0, "train.stop_at", c.train.stop_at, ">= 0")
+    check(c.train.seed >= 0, "train.seed", c.train.seed, ">= 0")
+    one_of("train.device", c.train.device, ["auto", "cpu", "cuda"])
+    one_of("train.precision", c.train.precision, ["auto", "fp32", "bf16"])
     for name in ("log_every", "eval_every", "eval_batches", "blimp_every", "dynamics_every"):
         v = getattr(c.logging, name)
-        _check(v >= 0, f"logging.{name}", v, ">= 0")
-    _check(c.logging.log_every > 0, "logging.log_every", c.logging.log_every, "> 0")
-    _check(c.checkpoint.every > 0, "checkpoint.every", c.checkpoint.every, "> 0")
-    _check(c.checkpoint.keep > 0, "checkpoint.keep", c.checkpoint.keep, "> 0")
-    _one_of("distributed.deepspeed", c.distributed.deepspeed, ["none", "zero1", "zero2", "zero3"])
-    _check(c.distributed.timeout_s > 0, "distributed.timeout_s", c.distributed.timeout_s, "> 0")
-    _check(c.distributed.guard_every >= 0, "distributed.guard_every", c.distributed.guard_every, ">= 0")
+        check(v >= 0, f"logging.{name}", v, ">= 0")
+    check(c.logging.log_every > 0, "logging.log_every", c.logging.log_every, "> 0")
+    check(c.checkpoint.every > 0, "checkpoint.every", c.checkpoint.every, "> 0")
+    check(c.checkpoint.keep > 0, "checkpoint.keep", c.checkpoint.keep, "> 0")
+    one_of("distributed.deepspeed", c.distributed.deepspeed, ["none", "zero1", "zero2", "zero3"])
+    check(c.distributed.timeout_s > 0, "distributed.timeout_s", c.distributed.timeout_s, "> 0")
+    check(c.distributed.guard_every >= 0, "distributed.guard_every", c.distributed.guard_every, ">= 0")
 
 
 def describe(cls=Config, prefix: str = "") -> list[str]:
