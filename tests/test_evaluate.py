@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from trainer import checkpoint
 from trainer.config import load_config, save_config
 from trainer.data import PreparedData, eval_batches, prepare
-from trainer.evaluate import (evaluate_checkpoint, load_minimal_pairs, minimal_pair_accuracy, perplexity,
+from trainer.evaluate import (evaluate_checkpoint, load_minimal_pairs, minimal_pair_accuracy, validation_loss,
                               sequence_logprob)
 from trainer.model import ModelArgs, Transformer, model_args
 from trainer.strategies.lora import wrap_linears
@@ -50,7 +50,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     model = tiny_model(50)
     torch.nn.init.zeros_(model.lm_head.weight)  # all logits 0: every token has probability 1/50
     batches = [(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))) for _ in range(3)]
-    loss, ppl = perplexity(model, batches, "cpu")
+    loss, ppl = validation_loss(model, batches, "cpu").values()
     assert loss == pytest.approx(math.log(50), rel=1e-6) and ppl == pytest.approx(50, rel=1e-5)
     assert model.training  # mode restored
 
@@ -125,7 +125,7 @@ def test_evaluate_checkpoint_merges_adapters_and_reports_metrics_keys(tmp_path):
     checkpoint.save(run / "checkpoints", 3, {"model.pt": model.state_dict()}, keep=2)
 
     got = evaluate_checkpoint(run, data_dir=data.path, pairs=tmp_path / "pairs.jsonl")
-    loss, ppl = perplexity(model, eval_batches(data, "val", 16, 4, 0, 1, 3), "cpu")
+    loss, ppl = validation_loss(model, eval_batches(data, "val", 16, 4, 0, 1, 3), "cpu").values()
     assert got["step"] == 3
     assert got["val_loss"] == pytest.approx(loss, rel=1e-5) and got["val_ppl"] == pytest.approx(ppl, rel=1e-5)
     want = minimal_pair_accuracy(model, data.tokenizer, make_pairs(), data.eos_id, "cpu")

@@ -16,7 +16,7 @@ def test_cpu_ddp_single_node():
     assert _flag(argv, "--num_processes") == "2" and "--multi_gpu" in argv
     assert "--cpu" not in argv and "--use_deepspeed" not in argv  # --cpu would start ONE process
     assert env["ACCELERATE_USE_CPU"] == "1"
-    assert argv[argv.index("--module") + 1:] == ["trainer.loop", "train.max_steps=5", "distributed.deepspeed=none"]
+    assert argv[argv.index("--module") + 1:] == ["trainer", "train.max_steps=5", "distributed.deepspeed=none"]
 
 
 def test_deepspeed_multinode_on_gpus():
@@ -62,7 +62,7 @@ def test_accelerate_accepts_the_command(deepspeed, nodes):
     assert args.num_processes == 2 * nodes and args.num_machines == nodes
     assert bool(args.use_deepspeed) == (deepspeed != "none")
     assert bool(args.multi_gpu) == (deepspeed == "none")
-    assert args.module and args.training_script == "trainer.loop"
+    assert args.module and args.training_script == "trainer"
 
 
 def test_lrpt_launch_print(capsys):

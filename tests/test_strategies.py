@@ -59,7 +59,7 @@ class Rig:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        event = self.strategy.after_step(self.step, StepContext(self.engine, self.optimizer, self.max_steps))
+        event = self.strategy.after_step(self.step, StepContext(self.engine, self.max_steps))
         if event:
             self.events.append((self.step, event))
         return loss.item()
@@ -166,7 +166,7 @@ def test_merge_keeps_outputs_and_reinitialises_adapters():
     rig.optimizer.zero_grad(set_to_none=True)
     pre = [(m.weight.detach().clone(), m.lora_A.detach().clone(), m.lora_B.detach().clone()) for m in adapters(rig.module)]
     out_before = rig.logits(x)
-    assert rig.strategy.after_step(6, StepContext(rig.engine, rig.optimizer, rig.max_steps)) == "merge"
+    assert rig.strategy.after_step(6, StepContext(rig.engine, rig.max_steps)) == "merge"
     assert_same_function(out_before, rig.logits(x))
     for m, (W, A, B) in zip(adapters(rig.module), pre):
         s = float(m.lora_scale)
@@ -252,7 +252,7 @@ def test_jagged_cosine_schedule_shape():
     assert min(lr[85:]) >= 0.1 - 1e-12 and lr[99] == pytest.approx(envelope(99))  # floor
     assert 0 < lr[19] and lr[10:20] == pytest.approx([envelope(t) for t in range(10, 20)])
     # Merges happen exactly where the LR restarts: after step r, before step index r.
-    ctx = StepContext(engine=None, optimizer=None, max_steps=total)
+    ctx = StepContext(engine=None, max_steps=total)
     merge_points = [t for t in range(1, total) if t % 20 == 0]
     assert all(lr[t] == 0 for t in merge_points)
     assert all((st.after_step(t, ctx) is None) for t in range(1, total) if t % 20)

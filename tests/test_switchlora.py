@@ -56,7 +56,7 @@ def test_switches_keep_the_function_and_store_only_switched_out_vectors():
     rig = Rig("switchlora", **MANY)
     st, x = rig.strategy, batch()
     rig.train_step(x)
-    ctx = StepContext(rig.engine, rig.optimizer, rig.max_steps)
+    ctx = StepContext(rig.engine, rig.max_steps)
     for step in range(2, 6):
         loss = rig.model(x[:, :-1], x[:, 1:])
         loss.backward()

@@ -57,7 +57,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
 def test_nonfinite_loss_stops_with_message(tmp_path):
     cfg = load_config(None, [*FAST, f"run.dir={tmp_path / 'nan'}", "train.max_steps=30", "optimizer.lr=1e30",
                              "optimizer.grad_clip=0", "schedule.warmup_steps=0", "checkpoint.every=1000"])
-    from trainer.loop import NonFiniteLoss
+    from trainer.errors import NonFiniteLoss
     with pytest.raises(NonFiniteLoss, match="loss became (nan|inf) at step"):
         train(cfg)
 

@@ -1,4 +1,4 @@
-"""Checkpoint folders that are either complete or ignored.
+"""Checkpoint folders that are either complete or ignored, and finding and loading them.
 
 A checkpoint is written into `.tmp-step_N/`, each file's sha256 recorded in `meta.json` (written
 last), then renamed to `step_N/`; `latest` is updated after the rename. Loading verifies every
@@ -116,6 +116,21 @@ def load(folder: Path, name: str, map_location="cpu"):
     return torch.load(folder / name, map_location=map_location, weights_only=False)
 
 
+def step_of(folder: Path) -> int:
+    return int(Path(folder).name.split("_")[1])
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete, checksum-verified checkpoints of a run, oldest first."""
+    return [d for d in list_checkpoints(Path(run_dir, "checkpoints")) if verify(d) is None]
+
+
+def read(folder: Path) -> dict:
+    """Every file of a checkpoint, by file name (what `save` was given)."""
+    meta = json.loads((folder / META).read_text())
+    return {name: load(folder, name) for name in meta["sha256"]}
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder from a run directory, a checkpoints folder or a checkpoint itself."""
     path = Path(path)
@@ -126,3 +141,23 @@ def resolve(path: str | Path) -> Path:
         if found is not None:
             return found
     raise FileNotFoundError(f"no complete checkpoint under {path}")
+
+
+def load_model(path: str | Path, device="cpu"):
+    """(model in eval mode with adapters merged, Config, checkpoint folder) for a run
+    directory (its newest complete checkpoint), a checkpoint folder or a file in one."""
+    from trainer.config import load_config
+    from trainer.model import ModelArgs, Transformer, model_args
+    from trainer.strategies.lora import merged_state_dict
+
+    path = Path(path)
+    folder = resolve(path.parent if path.is_file() else path)
+    run_dir = folder.parent.parent
+    cfg = load_config(run_dir / "config.yaml")
+    state = merged_state_dict(load(folder, "model.pt"))
+    shape = run_dir / "model.json"  # the shape the run built; older runs: config + embedding rows
+    args = (ModelArgs(**json.loads(shape.read_text())) if shape.is_file() else
+            model_args(cfg.model, cfg.data.seq_len, vocab_size=state["embed_tokens.weight"].shape[0]))
+    model = Transformer(args)
+    model.load_state_dict(state)
+    return model.to(device).eval(), cfg, folder

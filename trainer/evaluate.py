@@ -7,6 +7,7 @@ with EOS, so EOS is the model's start-of-text context and the first word gets sc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import defaultdict
@@ -16,22 +17,36 @@ import torch
 import torch.nn.functional as F
 
 
+def validation_batches(data, cfg, rank: int = 0, world_size: int = 1) -> list:
+    """This rank's share of the validation set: the first `logging.eval_batches` batches of
+    `data.batch_size` sequences of the val split, in order, whatever the world size (rank r
+    takes batches r, r + n, ...), so a validation loss means the same at any scale."""
+    from trainer.data import eval_batches
+
+    batches = eval_batches(data, "val", cfg.data.seq_len, cfg.data.batch_size, 0, 1, cfg.logging.eval_batches)
+    return batches[rank::world_size]
+
+
 @torch.no_grad()
-def perplexity(model, batches, device, *, all_reduce: bool = False) -> tuple[float, float]:
-    """(mean token cross-entropy, exp of it) over (x, y) batches. With `all_reduce`, every
-    rank calls this on its own batches and gets the global numbers."""
+def validation_loss(model, batches, device, *, autocast=contextlib.nullcontext, all_reduce: bool = False) -> dict:
+    """{"val_loss": token-weighted mean cross-entropy, "val_ppl": its exp} over (x, y)
+    batches, in the training precision (`autocast`: a context factory). With `all_reduce`
+    every rank passes its own batches and gets the global figures. The one validation
+    routine: training records and `lrpt eval` both call it."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         n = (y != -100).sum()
-        total += torch.stack([model(x, y).double() * n, n.double()])
+        with autocast():
+            loss = model(x, y)
+        total += torch.stack([loss.double() * n, n.double()])
     if all_reduce:
         torch.distributed.all_reduce(total)
     model.train(was_training)
     mean = float(total[0] / total[1])
-    return mean, math.exp(min(mean, 700.0))  # exp overflows a float past ~709
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0))}  # exp overflows a float past ~709
 
 
 @torch.no_grad()
@@ -107,23 +122,31 @@ def load_minimal_pairs(path: str | Path) -> list[dict]:
     return pairs
 
 
-def evaluate_checkpoint(path, *, data_dir=None, pairs=None, device="cpu", max_batches: int | None = None) -> dict:
+def minimal_pairs_record(model, data, device, pairs_path=None) -> dict:
+    """{"blimp_acc": overall, "blimp/<phenomenon>": ...} on `pairs_path` (default: the
+    dataset's own pairs, which the embedded corpus has), or {} when there are none."""
+    pairs_path = pairs_path or data.minimal_pairs_path
+    if not pairs_path:
+        return {}
+    acc = minimal_pair_accuracy(model, data.tokenizer, load_minimal_pairs(pairs_path), data.eos_id, device)
+    return {"blimp_acc": acc.pop("overall"), **{f"blimp/{k}": v for k, v in acc.items()}}
+
+
+def evaluate_checkpoint(path, *, data_dir=None, pairs=None, device="cpu") -> dict:
     """Validation loss/perplexity and minimal-pair accuracy of a run's latest checkpoint (or
-    a given one), adapters merged. Keys match metrics.jsonl: step, val_loss, val_ppl,
-    blimp_acc, blimp/<phenomenon>. `pairs`: a JSONL file or directory; default: the
-    dataset's own pairs (the embedded corpus has them), else none."""
-    from trainer.data import PreparedData, eval_batches, resolve_dataset
-    from trainer.export import load_model, step_of
+    a given one), adapters merged: the figures the run logs, on the same validation set in
+    the same precision. Keys match metrics.jsonl: step, val_loss, val_ppl, blimp_acc,
+    blimp/<phenomenon>. `pairs`: a JSONL file or directory."""
+    from trainer.checkpoint import load_model, step_of
+    from trainer.data import PreparedData, resolve_dataset
+    from trainer.distributed import mixed_precision
 
     model, cfg, ckpt = load_model(path, device)
     data = PreparedData(Path(data_dir) if data_dir else resolve_dataset(cfg.data))
-    batches = eval_batches(data, "val", cfg.data.seq_len, cfg.data.batch_size, 0, 1,
-                           max_batches or cfg.logging.eval_batches)
-    loss, ppl = perplexity(model, batches, device)
-    out = {"step": step_of(ckpt), "checkpoint": str(ckpt), "val_loss": loss, "val_ppl": ppl}
-    pairs_path = pairs or data.minimal_pairs_path
-    if pairs_path:
-        acc = minimal_pair_accuracy(model, data.tokenizer, load_minimal_pairs(pairs_path), data.eos_id, device)
-        out["blimp_acc"] = acc.pop("overall")
-        out.update({f"blimp/{k}": v for k, v in acc.items()})
+    bf16 = mixed_precision(cfg, torch.device(device).type) == "bf16"
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 \
+        else contextlib.nullcontext
+    out = {"step": step_of(ckpt), "checkpoint": str(ckpt),
+           **validation_loss(model, validation_batches(data, cfg), device, autocast=autocast)}
+    out.update(minimal_pairs_record(model, data, device, pairs))
     return out

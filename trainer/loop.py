@@ -1,39 +1,38 @@
 """The training loop: one process of a (possibly distributed) run, top to bottom.
 
-    set-up -> resume -> for each optimizer step: micro-batches, step, strategy hook,
-    log / evaluate / guard / checkpoint -> final evaluation and checkpoint
+    build (data, model, strategy, engine) -> resume -> for each optimizer step:
+    micro-batches, step, strategy hook, log / evaluate / guard / checkpoint -> done
 
 The loop knows no strategy by name and no engine by name: the strategy plugin decides what
 trains and edits weights between steps; Accelerate (DDP or DeepSpeed) moves the gradients;
-the engine adapter hides where the master weights live.
+the engine adapter hides where the master weights live. The Trainer is itself checkpointable
+(`state_dict` / `load_state_dict`); checkpoint.py does the file I/O.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import signal
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
+from trainer import seeding
 from trainer.comm import CommMeter
-from trainer.config import Config, ConfigError, save_config
-from trainer.data import BatchLoader, PreparedData, eval_batches, resolve_dataset
+from trainer.config import Config, save_config
+from trainer.data import PreparedData, BatchLoader, resolve_dataset
 from trainer.distributed import build_accelerator, check_consistency, prepare
 from trainer.engine import Engine
-from trainer.model import Transformer, humanize, model_args
+from trainer.errors import EXIT_PREEMPTED, ConfigError, NonFiniteLoss, Preempted
+from trainer.evaluate import minimal_pairs_record, validation_batches, validation_loss
+from trainer.model import Transformer, model_args
+from trainer.rundir import RunDir, default_run_dir
 from trainer.strategies import build_strategy
 from trainer.strategies.base import StepContext
-
-from trainer.errors import EXIT_PREEMPTED, NonFiniteLoss, Preempted  # noqa: F401
 
 
 @dataclass
@@ -42,7 +41,6 @@ class TrainState:
     tokens: int = 0  # tokens consumed by all ranks
     comm_bytes_total: int = 0
     elapsed_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class _StopFlag:
@@ -62,24 +60,13 @@ def print0(accelerator, *args):
         print(*args, flush=True)
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _broadcast_str(value: str) -> str:
     """Rank 0's value on every rank (run directory names carry timestamps)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -88,13 +75,18 @@ def _broadcast_str(value: str) -> str:
 
 def _all_reduce_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(t)
     return t.tolist()
 
 
-def default_run_dir(cfg: Config) -> str:
-    return str(Path("runs") / f"{cfg.strategy.name}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+def _gather(obj) -> list:
+    """Every rank's `obj`, in rank order (a list of one without a process group)."""
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class Trainer:
@@ -104,62 +96,39 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = acc = build_accelerator(cfg)
         self.rank, self.world = acc.process_index, acc.num_processes
-        # Data first: a bad data.source or vocabulary must not leave a stray run directory.
+        # Data and model first: a bad data.source or vocabulary must not leave a stray run directory.
         with acc.main_process_first():  # rank 0 builds the embedded corpus, the others reuse it
             self.data = PreparedData(resolve_dataset(cfg.data))
-        self.args = model_args(cfg.model, cfg.data.seq_len, self.data.vocab_size)
-        if self.args.vocab_size < self.data.vocab_size:
-            raise ConfigError(f"model.vocab_size={self.args.vocab_size}: expected at least the tokenizer's "
-                              f"vocabulary ({self.data.vocab_size}), or 0 to take it from the tokenizer")
+        module = self._build_model()
+        self.strategy = build_strategy(cfg.strategy, cfg.train.seed)
 
-        self.run_dir = Path(_broadcast_str(cfg.run.dir or default_run_dir(cfg))).resolve()
-        cfg.run.dir = str(self.run_dir)
+        name = f"{cfg.strategy.name}-{cfg.model.name}"
+        self.run = RunDir(Path(_broadcast_str(cfg.run.dir or str(default_run_dir(name)))).resolve())
+        cfg.run.dir = str(self.run.path)
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.ckpt_root = self.run_dir / "checkpoints"
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run.config)
+            # The resolved shape, for export, bench, comm and analysis tools.
+            self.run.model_json.write_text(json.dumps(asdict(self.args), indent=1))
 
-        seed = cfg.train.seed
-        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-        if cfg.model.init_from:  # continued pretraining: the checkpoint's shape wins
-            from trainer.export import load_hf_into, model_args_from_hf
-            self.args = model_args_from_hf(cfg.model.init_from, max_seq_len=cfg.data.seq_len)
-            module = Transformer(self.args)
-            load_hf_into(module, cfg.model.init_from)
-        else:
-            module = Transformer(self.args)
-        if acc.is_main_process:  # the resolved shape, for export, bench and analysis tools
-            from dataclasses import asdict
-            (self.run_dir / "model.json").write_text(json.dumps(asdict(self.args), indent=1))
-        self.strategy = build_strategy(cfg.strategy, seed)
-        self.state = TrainState()
-        self.resume_from = ckpt.find_latest(self.ckpt_root) if cfg.run.resume else None
-        trainer_state = ckpt.load(self.resume_from, "trainer.pt") if self.resume_from else None
-        start_step = trainer_state["state"]["step"] if trainer_state else 0
+        resume_from = ckpt.find_latest(self.run.checkpoints) if cfg.run.resume else None
+        start_step = ckpt.step_of(resume_from) if resume_from else 0
+        # The trainable set of the step we start at, so the engine is built right the first time.
         groups = self.strategy.apply(module, cfg.optimizer.weight_decay, start_step)
-        if trainer_state is not None:
-            # Weights go in before the engine is built, so DeepSpeed's fp32 masters start from them.
-            module.load_state_dict(ckpt.load(self.resume_from, "model.pt"))
-            self.strategy.load_state_dict(trainer_state["strategy"])
         self._build_engine(module, groups)
-
         self.loader = BatchLoader(self.data, "train", cfg.data.seq_len, cfg.data.batch_size, self.rank,
-                                  self.world, seed)
-        self.val_batches = eval_batches(self.data, "val", cfg.data.seq_len, cfg.data.batch_size, self.rank,
-                                        self.world, cfg.logging.eval_batches)
-        if trainer_state is not None:
-            self.engine.load_optimizer_state_dict(ckpt.load(self.resume_from, "optimizer.pt"))
-            self.loader.load_state_dict(trainer_state["data"])
-            _set_rng_state(trainer_state["rng"])
-            s = trainer_state["state"]
-            self.state = TrainState(**s)
-            print0(acc, f"resumed from {self.resume_from} at step {self.state.step}")
+                                  self.world, cfg.train.seed)
+        self.val_batches = validation_batches(self.data, cfg, self.rank, self.world)
+        seeding.seed_rank(cfg.train.seed, self.rank)
+        self.state = TrainState()
+        if resume_from is not None:
+            self.load_state_dict(ckpt.read(resume_from))
+            print0(acc, f"resumed from {resume_from} at step {self.state.step}")
 
-        self.metrics_file = self.run_dir / "metrics.jsonl"
         self.tb = None
         if acc.is_main_process and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.run.tensorboard))
         self.dynamics = None
         if cfg.logging.dynamics_every and acc.is_main_process:
             from trainer.dynamics import DynamicsTracker
@@ -167,12 +136,27 @@ class Trainer:
             self.dynamics.start(self.engine.module, self.state.step)
         self._describe()
 
+    def _build_model(self) -> Transformer:
+        cfg = self.cfg
+        seeding.seed_globals(cfg.train.seed)  # the initial weights: the same on every rank
+        if cfg.model.init_from:  # continued pretraining: the checkpoint's shape wins
+            from trainer.hf import load_hf_into, model_args_from_hf
+            self.args = model_args_from_hf(cfg.model.init_from, max_seq_len=cfg.data.seq_len)
+        else:
+            self.args = model_args(cfg.model, cfg.data.seq_len, self.data.vocab_size)
+        if self.args.vocab_size < self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.args.vocab_size}: expected at least the tokenizer's "
+                              f"vocabulary ({self.data.vocab_size}), or 0 to take it from the tokenizer")
+        module = Transformer(self.args)
+        if cfg.model.init_from:
+            load_hf_into(module, cfg.model.init_from)
+        return module
+
     def _build_engine(self, module, groups) -> None:
         optimizer = self.strategy.make_optimizer(groups, self.cfg.optimizer)
         self.base_lrs = [g.get("lr", self.cfg.optimizer.lr) for g in optimizer.param_groups]
-        model, optimizer = prepare(self.accelerator, module, optimizer)
-        self.model, self.optimizer = model, optimizer
-        self.engine = Engine(self.accelerator, model, optimizer)
+        self.model, self.optimizer = prepare(self.accelerator, module, optimizer)
+        self.engine = Engine(self.accelerator, self.model, self.optimizer)
         self.comm = CommMeter(self.engine)
 
     def _rewrap(self, step: int) -> None:
@@ -191,21 +175,60 @@ class Trainer:
 
     def _describe(self) -> None:
         module = self.engine.module
-        total = sum(p.numel() for p in module.parameters())
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        self.total_params, self.trainable_params = total, trainable
+        self.total_params = sum(p.numel() for p in module.parameters())
+        self.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         a, c = self.args, self.cfg
+        val_sequences = c.logging.eval_batches * c.data.batch_size
         print0(self.accelerator,
                f"model {c.model.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}"
                f"/{a.num_kv_heads}, vocab {a.vocab_size}\n{self.strategy.describe(module)}\n"
                f"world size {self.world}, {c.data.batch_size} seq x {c.data.seq_len} tokens x "
                f"{c.train.grad_accum} accum per rank = {self.tokens_per_step:,} tokens/step\n"
-               f"run directory: {self.run_dir}")
+               f"validation: {val_sequences} sequences ({val_sequences * c.data.seq_len:,} tokens) at every evaluation\n"
+               f"run directory: {self.run.path}")
 
     @property
     def tokens_per_step(self) -> int:
         c = self.cfg
         return c.data.batch_size * c.data.seq_len * c.train.grad_accum * self.world
+
+    # -- checkpointable ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """{checkpoint file name: object}. Every rank must call it: under DeepSpeed the full
+        optimizer state and fp32 masters are gathered, and each rank's RNG state is collected."""
+        module = self.engine.module
+        model_state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        for name, p in module.named_parameters():
+            model_state[name] = self.engine.read_param(p).cpu()
+        trainer_state = {"state": asdict(self.state), "data": self.loader.state_dict(),
+                         "strategy": self.strategy.state_dict(), "rng": _gather(seeding.global_state())}
+        return {"model.pt": model_state, "optimizer.pt": self.engine.optimizer_state_dict(),
+                "trainer.pt": trainer_state}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output, on any world size (the dropout streams
+        continue exactly only on the same one)."""
+        module, model_state = self.engine.module, state["model.pt"]
+        for name, buf in module.named_buffers():
+            if name in model_state:
+                buf.copy_(model_state[name])
+        for name, p in module.named_parameters():
+            self.engine.write_param(p, model_state[name])
+        t = state["trainer.pt"]
+        self.strategy.load_state_dict(t["strategy"])
+        self.engine.load_optimizer_state_dict(state["optimizer.pt"])
+        self.loader.load_state_dict(t["data"])
+        rng = t["rng"] if isinstance(t["rng"], list) else [t["rng"]]
+        if len(rng) == self.world:
+            seeding.set_global_state(rng[self.rank])
+        self.state = TrainState(**t["state"])
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()
+        if self.accelerator.is_main_process:
+            ckpt.save(self.run.checkpoints, self.state.step, state, self.cfg.checkpoint.keep)
+        self.accelerator.wait_for_everyone()
 
     # -- one optimizer step ------------------------------------------------------------------
     def _set_lr(self, step: int) -> float:
@@ -237,66 +260,39 @@ class Trainer:
             loss_sum += loss.detach().float().item()
         return loss_sum / cfg.train.grad_accum, dyn
 
-    # -- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
+    # -- evaluation and records --------------------------------------------------------------
     def evaluate(self) -> dict:
-        self.model.eval()
-        total = 0.0
-        for x, y in self.val_batches:
-            with self.accelerator.autocast():
-                total += self.model(x.to(self.accelerator.device), y.to(self.accelerator.device)).float().item()
-        loss_sum, count = _all_reduce_sum([total, len(self.val_batches)], self.accelerator.device)
-        val_loss = loss_sum / max(count, 1)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        return validation_loss(self.model, self.val_batches, self.accelerator.device,
+                               autocast=self.accelerator.autocast, all_reduce=self.world > 1)
 
     def minimal_pairs(self) -> dict:
         """Minimal-pair accuracy on rank 0 (identical weights everywhere); others wait."""
         out = {}
-        if self.accelerator.is_main_process and self.data.minimal_pairs_path is not None:
-            from trainer.evaluate import load_minimal_pairs, minimal_pair_accuracy
-            pairs = load_minimal_pairs(self.data.minimal_pairs_path)
-            acc = minimal_pair_accuracy(self.engine.module, self.data.tokenizer, pairs, self.data.eos_id,
-                                        self.accelerator.device)
-            out = {"blimp_acc": acc["overall"], **{f"blimp/{k}": v for k, v in acc.items() if k != "overall"}}
+        if self.accelerator.is_main_process:
+            out = minimal_pairs_record(self.engine.module, self.data, self.accelerator.device)
         self.accelerator.wait_for_everyone()
         return out
 
-    # -- records and checkpoints -------------------------------------------------------------
     def log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run.append_metrics(record)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
 
-    def save_checkpoint(self) -> None:
-        # Every rank takes part: under DeepSpeed the full optimizer state is gathered.
-        optimizer_state = self.engine.optimizer_state_dict()
-        module_state = {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
-        for name, p in self.engine.module.named_parameters():
-            module_state[name] = self.engine.read_param(p).cpu()
-        if self.accelerator.is_main_process:
-            trainer_state = {"state": vars(self.state), "data": self.loader.state_dict(),
-                             "strategy": self.strategy.state_dict(), "rng": _rng_state()}
-            ckpt.save(self.ckpt_root, self.state.step, {"model.pt": module_state, "optimizer.pt": optimizer_state,
-                                                        "trainer.pt": trainer_state}, self.cfg.checkpoint.keep)
-        self.accelerator.wait_for_everyone()
-
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Path:
         cfg, acc, st = self.cfg, self.accelerator, self.state
         stop = _StopFlag()
-        ctx = StepContext(engine=self.engine, optimizer=self.engine.torch_optimizer,
-                          max_steps=cfg.train.max_steps, world_size=self.world)
+        ctx = StepContext(engine=self.engine, max_steps=cfg.train.max_steps)
         bar = None
         if acc.is_main_process and cfg.logging.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
         window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
-        self.comm.pop()  # start-up traffic is reported apart, by CommMeter.startup_bytes
+        self.comm.pop()  # start-up broadcasts are not training traffic
         if st.step == 0:
             self.log({"step": 0, "tokens": 0, **self.evaluate(), "world_size": self.world})
 
@@ -304,8 +300,7 @@ class Trainer:
             t0 = time.perf_counter()
             if self.strategy.needs_rewrap(st.step):
                 self._rewrap(st.step)
-                ctx = StepContext(engine=self.engine, optimizer=self.engine.torch_optimizer,
-                                  max_steps=cfg.train.max_steps, world_size=self.world)
+                ctx = StepContext(engine=self.engine, max_steps=cfg.train.max_steps)
                 self.log({"step": st.step, "tokens": st.tokens, "event": "rewrap",
                           "trainable_params": self.trainable_params})
             lr = self._set_lr(st.step)
@@ -317,7 +312,7 @@ class Trainer:
             loss_sum, n_stop, n_bad = _all_reduce_sum(
                 [loss if math.isfinite(loss) else 0.0, float(stop.raised), float(not math.isfinite(loss))], acc.device)
             if n_bad:
-                last = ckpt.find_latest(self.ckpt_root)
+                last = ckpt.find_latest(self.run.checkpoints)
                 raise NonFiniteLoss(f"loss became {loss} at step {st.step} (lr {lr:.3g}); stopped without saving. "
                                     f"Last good checkpoint: {last or 'none'}. Lower optimizer.lr or raise "
                                     f"schedule.warmup_steps, then resume.")
@@ -372,15 +367,15 @@ class Trainer:
                 self.log({"step": st.step, "tokens": st.tokens, "event": "preempt" if preempted else "stop"})
                 if preempted:
                     print0(acc, f"preempted: checkpoint written at step {st.step}; exiting {EXIT_PREEMPTED}")
-                    raise Preempted(str(self.run_dir))
-                print0(acc, f"stopped at train.stop_at={st.step}; run directory: {self.run_dir}")
-                return self.run_dir
+                    raise Preempted(str(self.run.path))
+                print0(acc, f"stopped at train.stop_at={st.step}; run directory: {self.run.path}")
+                return self.run.path
         if bar is not None:
             bar.close()
         if self.tb is not None:
             self.tb.close()
-        print0(acc, f"done: {st.step} steps, {st.tokens:,} tokens. Run directory: {self.run_dir}")
-        return self.run_dir
+        print0(acc, f"done: {st.step} steps, {st.tokens:,} tokens. Run directory: {self.run.path}")
+        return self.run.path
 
 
 def train(cfg: Config) -> Path:
@@ -390,34 +385,3 @@ def train(cfg: Config) -> Path:
         return trainer.fit()
     finally:
         trainer.accelerator.end_training()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m trainer.loop [CONFIG] [key=value ...]`: what `lrpt train` and `lrpt launch` run."""
-    from trainer.config import ConfigError, load_config
-
-    argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv and "=" not in argv[0] else None
-    overrides = argv[1:] if path else argv
-    from trainer.data import DataError
-    from trainer.distributed import DistributedError
-    try:
-        cfg = load_config(path, overrides)
-        train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except Preempted:
-        return EXIT_PREEMPTED
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (DataError, DistributedError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())

@@ -16,26 +16,22 @@ from trainer.model import configure_optimizer_groups, humanize
 
 @dataclass
 class StepContext:
-    """What `after_step` may use. `engine` is a trainer.engine.Engine."""
+    """What `after_step` may use. `engine` is a trainer.engine.Engine: weights and optimizer
+    state are read and written only through it."""
     engine: Any
-    optimizer: Any  # the raw torch optimizer (its state is edited only through `engine`)
     max_steps: int
-    world_size: int = 1
-
-
-def seeded_generator(seed: int, step: int, module_index: int, purpose: int = 0) -> torch.Generator:
-    """A CPU generator from (seed, step, module, purpose): every rank draws the same numbers
-    with no communication, and a resumed run redraws exactly what the uninterrupted one drew."""
-    g = torch.Generator(device="cpu")
-    # Mix with large odd constants so nearby (step, module) pairs give unrelated streams.
-    g.manual_seed((seed * 1_000_003 + step * 7_919 + module_index * 104_729 + purpose * 15_485_863) % (2**63 - 1))
-    return g
 
 
 class Strategy:
     """Full-rank training: every parameter trains, nothing happens between steps."""
 
     name = "full"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Check the `strategy.*` keys this strategy reads (a trainer.config.Config, called
+        only when this strategy is chosen) and resolve defaults that depend on other keys;
+        raise ConfigError naming the key."""
 
     def __init__(self, cfg, seed: int):
         self.cfg = cfg
@@ -65,8 +61,11 @@ class Strategy:
     def rewrap(self, model: nn.Module, step: int, weight_decay: float) -> list[dict]:
         """Called by the loop when `needs_rewrap(step)`: set requires_grad for step `step` on
         the unwrapped model and return the new parameter groups; the loop then builds a new
-        optimizer (`make_optimizer`) and a new data-parallel wrapper."""
-        return self.apply(model, weight_decay, step)
+        optimizer (`make_optimizer`) and a new data-parallel wrapper. Only a strategy whose
+        trainable set changes over time overrides this; for the others `apply` would wrap and
+        initialise again, destroying what was trained."""
+        raise RuntimeError(f"strategy {self.name!r} never changes its trainable set; rewrap at step {step} "
+                           "would re-initialise it")
 
     def describe(self, model: nn.Module) -> str:
         """One start-up line: total / trainable / frozen parameters and the trainable share."""

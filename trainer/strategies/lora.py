@@ -17,13 +17,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.strategies.base import Strategy, seeded_generator
+from trainer.seeding import Purpose, seeded_generator
+from trainer.shapes import PROJECTIONS
+from trainer.strategies.base import Strategy
 
-TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-           "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+TARGETS = {short: path.rsplit(".", 1)[-1] for short, path in PROJECTIONS.items()}  # "q" -> "q_proj"
 
-# `purpose` values for seeded_generator: distinct streams for distinct decisions.
-PURPOSE_A_INIT = 1
+ADAPTER_KEYS = ("lora_A", "lora_B", "lora_scale")
+
+
+def merge(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale) -> torch.Tensor:
+    """W + s B A in fp32: the one merge formula (training merges go through the engine with
+    the same arithmetic; export, evaluation and analysis call this)."""
+    return torch.addmm(W.float(), B.float(), A.float(), alpha=float(scale))
+
+
+def merged_state_dict(state_dict: dict) -> dict:
+    """A checkpoint's state dict with each adapter folded into its weight and the adapter
+    keys dropped: the plain model the adapters compute (dropout aside)."""
+    out = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in ADAPTER_KEYS:
+            continue
+        if leaf == "weight" and f"{prefix}.lora_A" in state_dict:
+            value = merge(value, state_dict[f"{prefix}.lora_A"], state_dict[f"{prefix}.lora_B"],
+                          state_dict[f"{prefix}.lora_scale"])
+        out[key] = value
+    return out
 
 
 class LoRALinear(nn.Module):
@@ -52,8 +73,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + s B A in fp32: the plain linear this layer computes (dropout aside)."""
-        return self.weight.float() + float(self.lora_scale) * (self.lora_B.float() @ self.lora_A.float())
+        """The plain linear this layer computes (dropout aside), in fp32."""
+        return merge(self.weight, self.lora_A, self.lora_B, self.lora_scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={float(self.lora_scale):g}"
@@ -106,6 +127,15 @@ def set_trainable(model: nn.Module, cfg, *, adapters: bool, wrapped_weights: boo
 class LoRA(Strategy):
     name = "lora"
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        from trainer.config import check
+        s = cfg.strategy
+        check(s.rank > 0, "strategy.rank", s.rank, "> 0")
+        check(s.alpha > 0, "strategy.alpha", s.alpha, "> 0")
+        check(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "in [0, 1)")
+        check(len(s.targets) > 0, "strategy.targets", s.targets, "at least one of " + ", ".join(TARGETS))
+
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)
         self.adapters: list[tuple[str, LoRALinear]] = []
@@ -123,7 +153,7 @@ class LoRA(Strategy):
         for index, (_, m) in enumerate(self.adapters):
             if m.lora_A.is_meta:  # parameter counting without allocation
                 continue
-            m.lora_A.copy_(kaiming_uniform(m.lora_A.shape, seeded_generator(self.seed, 0, index, PURPOSE_A_INIT)))
+            m.lora_A.copy_(kaiming_uniform(m.lora_A.shape, seeded_generator(self.seed, 0, index, Purpose.A_INIT)))
             m.lora_B.zero_()
 
     def set_phase(self, model: nn.Module, weight_decay: float, step: int) -> list[dict]:

@@ -31,14 +31,36 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.strategies.base import StepContext, cosine_with_warmup, seeded_generator
-from trainer.strategies.lora import PURPOSE_A_INIT, LoRA, kaiming_uniform, set_trainable
-
-PURPOSE_PRUNE = 2  # + 0 for A, + 1 for B
+from trainer.seeding import Purpose, seeded_generator
+from trainer.strategies.base import StepContext, cosine_with_warmup
+from trainer.strategies.lora import LoRA, kaiming_uniform, merge, set_trainable
 
 
 class ReLoRA(LoRA):
     name = "relora"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        import warnings
+
+        from trainer.config import check, one_of
+        super().check_config(cfg)
+        s, max_steps = cfg.strategy, cfg.train.max_steps
+        check(s.reset_every > 0, "strategy.reset_every", s.reset_every, "> 0")
+        check(s.warm_start_steps >= 0, "strategy.warm_start_steps", s.warm_start_steps, ">= 0")
+        one_of("strategy.optimizer_reset", s.optimizer_reset, ["zero", "random", "magnitude"])
+        one_of("strategy.prune_moments", s.prune_moments, ["joint", "independent"])
+        check(0 <= s.reset_ratio <= 1, "strategy.reset_ratio", s.reset_ratio, "in [0, 1]")
+        check(s.restart_warmup >= 0, "strategy.restart_warmup", s.restart_warmup, ">= 0")
+        # The default re-warmup would outlast a short cycle: shorten it unless the user chose it.
+        if "strategy.restart_warmup" not in cfg.set_keys and s.restart_warmup >= s.reset_every:
+            s.restart_warmup = s.reset_every // 2
+        check(s.restart_warmup < s.reset_every, "strategy.restart_warmup", s.restart_warmup,
+              f"< strategy.reset_every={s.reset_every}")
+        if s.warm_start_steps < max_steps <= s.warm_start_steps + s.reset_every:
+            warnings.warn(f"strategy.reset_every={s.reset_every} >= train.max_steps={max_steps}"
+                          f"{f' - warm_start_steps={s.warm_start_steps}' if s.warm_start_steps else ''}: "
+                          f"ReLoRA merges nothing before the run ends, so this is plain LoRA", stacklevel=2)
 
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)
@@ -99,8 +121,8 @@ class ReLoRA(LoRA):
         eng = ctx.engine
         for index, (_, m) in enumerate(self.adapters):
             W, A, B = eng.read_param(m.weight), eng.read_param(m.lora_A), eng.read_param(m.lora_B)
-            eng.write_param(m.weight, torch.addmm(W, B, A, alpha=float(m.lora_scale)))
-            fresh_A = kaiming_uniform(A.shape, seeded_generator(self.seed, step, index, PURPOSE_A_INIT))
+            eng.write_param(m.weight, merge(W, A, B, m.lora_scale))
+            fresh_A = kaiming_uniform(A.shape, seeded_generator(self.seed, step, index, Purpose.A_INIT))
             eng.write_param(m.lora_A, fresh_A.to(A.device))
             eng.write_param(m.lora_B, torch.zeros_like(B))
             self.reset_optimizer(step, index, m, ctx)
@@ -109,21 +131,25 @@ class ReLoRA(LoRA):
     def reset_optimizer(self, step: int, index: int, m, ctx: StepContext) -> None:
         """Prune the adapter's Adam state in place; keep its step count.
 
-        One mask per parameter prunes both moments of an element together (decided by |m|
-        for `magnitude`). The reference prunes exp_avg and exp_avg_sq independently, which
-        leaves elements with a surviving m over a zeroed v: their next update is
-        m / sqrt((1 - beta2) g^2), many times a normal step, and only the re-warmup hides it.
-        Resetting an element's whole state keeps every update Adam-sized.
+        `prune_moments=joint` (default): one mask per parameter prunes both moments of an
+        element together (decided by |m| for `magnitude`). `independent` is the paper's
+        reference: a mask each, which leaves elements with a surviving m over a zeroed v;
+        their next update is m / sqrt((1 - beta2) g^2), many times a normal step, and only the
+        re-warmup hides it (a micro run went NaN that way).
         """
         mode, ratio, eng = self.cfg.optimizer_reset, self.cfg.reset_ratio, ctx.engine
-        for j, p in enumerate((m.lora_A, m.lora_B)):
+        joint = self.cfg.prune_moments == "joint"
+        for p, purposes in ((m.lora_A, (Purpose.PRUNE_A, Purpose.PRUNE_A_SQ)),
+                            (m.lora_B, (Purpose.PRUNE_B, Purpose.PRUNE_B_SQ))):
             exp_avg = eng.read_state(p, "exp_avg")
             if exp_avg is None:
                 continue
-            keep = prune_mask(exp_avg, mode, ratio, seeded_generator(self.seed, step, index, PURPOSE_PRUNE + j))
-            eng.write_state(p, "exp_avg", exp_avg * keep)
             exp_avg_sq = eng.read_state(p, "exp_avg_sq")
-            eng.write_state(p, "exp_avg_sq", exp_avg_sq * keep)
+            keep = prune_mask(exp_avg, mode, ratio, seeded_generator(self.seed, step, index, purposes[0]))
+            keep_sq = keep if joint else prune_mask(exp_avg_sq, mode, ratio,
+                                                    seeded_generator(self.seed, step, index, purposes[1]))
+            eng.write_state(p, "exp_avg", exp_avg * keep)
+            eng.write_state(p, "exp_avg_sq", exp_avg_sq * keep_sq)
 
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -42,10 +42,10 @@ import torch
 import torch.nn as nn
 
 from trainer.optim import VectorAdamW
-from trainer.strategies.base import StepContext, seeded_generator
+from trainer.seeding import Purpose, seeded_generator
+from trainer.strategies.base import StepContext
 from trainer.strategies.lora import TARGETS, LoRA, LoRALinear, wrap_linears
 
-PURPOSE_POOL_A, PURPOSE_POOL_B, PURPOSE_SWITCH = 11, 12, 13
 
 
 def init_bounds(in_features: int, out_features: int, rank: int) -> tuple[float, float]:
@@ -109,11 +109,20 @@ class VectorPool:
 class SwitchLoRA(LoRA):
     name = "switchlora"
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        from trainer.config import check
+        super().check_config(cfg)
+        s = cfg.strategy
+        check(s.switch_interval0 > 0, "strategy.switch_interval0", s.switch_interval0, "> 0")
+        check(s.switch_ratio > 0, "strategy.switch_ratio", s.switch_ratio, "> 0")
+        check(0 < s.switch_decay_base < 1, "strategy.switch_decay_base", s.switch_decay_base, "in (0, 1)")
+        check(s.freeze_steps >= 0, "strategy.freeze_steps", s.freeze_steps, ">= 0")
+
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)
         self.pools: list[tuple[VectorPool, VectorPool]] = []
         self.switches = 0
-        self._pending_state: dict | None = None
 
     def scale(self) -> float:
         return 1.0 / self.cfg.rank
@@ -126,13 +135,11 @@ class SwitchLoRA(LoRA):
         for index, (_, m) in enumerate(self.adapters):
             bound_a, bound_b = init_bounds(m.in_features, m.out_features, r)
             size = min(m.in_features, m.out_features)
-            pa = VectorPool(size, r, m.in_features, bound_a, self.seed, index, PURPOSE_POOL_A)
-            pb = VectorPool(size, r, m.out_features, bound_b, self.seed, index, PURPOSE_POOL_B)
+            pa = VectorPool(size, r, m.in_features, bound_a, self.seed, index, Purpose.POOL_A)
+            pb = VectorPool(size, r, m.out_features, bound_b, self.seed, index, Purpose.POOL_B)
             self.pools.append((pa, pb))
             if not m.weight.is_meta:
                 self._init_layer(m, pa, pb)
-        if self._pending_state is not None:
-            self.load_state_dict(self._pending_state)
         return self.set_phase(model, weight_decay, step)
 
     @torch.no_grad()
@@ -165,7 +172,7 @@ class SwitchLoRA(LoRA):
             pa, pb = self.pools[index]
             if not (pa.can_switch() and pb.can_switch()):
                 continue  # min(m, n) <= r: no candidates beyond the vectors in use
-            g = seeded_generator(self.seed, step, index, PURPOSE_SWITCH)
+            g = seeded_generator(self.seed, step, index, Purpose.SWITCH)
             k = whole + int(torch.rand(1, generator=g).item() < frac)
             if k:
                 switched += self.switch_layer(step, m, pa, pb, k, g, ctx)
@@ -226,16 +233,12 @@ class SwitchLoRA(LoRA):
         return {"switches": self.switches, "pools": [[pa.state_dict(), pb.state_dict()] for pa, pb in self.pools]}
 
     def load_state_dict(self, state: dict) -> None:
-        if not self.pools:  # called before apply(): keep it until the pools exist
-            self._pending_state = state
-            return
         if len(state["pools"]) != len(self.pools):
             raise ValueError(f"SwitchLoRA state has {len(state['pools'])} layers, the model {len(self.pools)}")
         self.switches = int(state.get("switches", 0))
         for (pa, pb), (sa, sb) in zip(self.pools, state["pools"]):
             pa.load_state_dict(sa)
             pb.load_state_dict(sb)
-        self._pending_state = None
 
     # -- accounting ------------------------------------------------------------------------
     def candidate_memory(self) -> dict:

@@ -8,7 +8,8 @@ import torch
 from trainer import checkpoint
 from trainer.config import load_config, save_config
 from trainer.data import PreparedData, prepare
-from trainer.export import export_hf, load_hf_into, merged_state_dict, model_args_from_hf
+from trainer.hf import export_hf, load_hf_into, model_args_from_hf
+from trainer.strategies.lora import merged_state_dict
 from trainer.model import Transformer, model_args
 from trainer.strategies.lora import wrap_linears
 

@@ -1,9 +1,8 @@
-"""Hugging Face Llama export and import, and the adapter merge every offline tool shares.
+"""Hugging Face Llama conversion: export a checkpoint (adapters merged), import one to
+continue pretraining from.
 
 Our module names are Hugging Face Llama's minus the `model.` prefix and our RoPE uses the
-same rotate-half layout, so conversion is a rename: no weight is permuted. Low-rank
-checkpoints hold `W`, `lora_A`, `lora_B` and `lora_scale` per wrapped linear; every consumer
-outside training (export, evaluation, dynamics analysis) sees the merged `W + scale * B @ A`.
+same rotate-half layout, so conversion is a rename: no weight is permuted.
 """
 from __future__ import annotations
 
@@ -14,72 +13,11 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint
-from trainer.model import ModelArgs, Transformer, model_args
+from trainer.checkpoint import load_model, step_of
+from trainer.model import ModelArgs, Transformer
+from trainer.strategies.lora import ADAPTER_KEYS
 
 log = logging.getLogger(__name__)
-
-ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_scale")
-
-
-def merged_state_dict(state_dict: dict) -> dict:
-    """Fold each adapter into its frozen weight (fp32) and drop the adapter keys."""
-    out = {}
-    for key, value in state_dict.items():
-        prefix, _, leaf = key.rpartition(".")
-        if leaf in ADAPTER_SUFFIXES:
-            continue
-        if leaf == "weight" and f"{prefix}.lora_A" in state_dict:
-            A, B = state_dict[f"{prefix}.lora_A"].float(), state_dict[f"{prefix}.lora_B"].float()
-            value = value.float() + state_dict[f"{prefix}.lora_scale"].float() * (B @ A)
-        out[key] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding and loading our checkpoints
-
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete, checksum-verified checkpoints of a run, oldest first."""
-    return [d for d in checkpoint.list_checkpoints(Path(run_dir, "checkpoints")) if checkpoint.verify(d) is None]
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(checkpoint folder, run dir) for a run dir (its newest complete checkpoint), a step
-    folder or a model.pt file."""
-    path = Path(path)
-    ckpt = checkpoint.resolve(path.parent if path.is_file() else path)
-    return ckpt, ckpt.parent.parent
-
-
-def step_of(ckpt_dir: Path) -> int:
-    return int(ckpt_dir.name.split("_")[1])
-
-
-def load_merged(ckpt_dir: Path) -> dict:
-    return merged_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True))
-
-
-def args_for(run_dir: Path, cfg, state_dict: dict) -> ModelArgs:
-    """The run's resolved shape: model.json when the loop wrote one, else the config with the
-    vocabulary read off the embedding (the tokenizer's at train time)."""
-    if (run_dir / "model.json").is_file():
-        return ModelArgs(**json.loads((run_dir / "model.json").read_text()))
-    return model_args(cfg.model, cfg.data.seq_len, vocab_size=state_dict["embed_tokens.weight"].shape[0])
-
-
-def load_model(path: str | Path, device="cpu"):
-    """(model in eval mode with adapters merged, Config, checkpoint folder) for any path
-    `resolve_checkpoint` accepts."""
-    from trainer.config import load_config
-
-    ckpt, run_dir = resolve_checkpoint(path)
-    cfg = load_config(run_dir / "config.yaml")
-    sd = load_merged(ckpt)
-    model = Transformer(args_for(run_dir, cfg, sd))
-    model.load_state_dict(sd)
-    return model.to(device).eval(), cfg, ckpt
-
 
 # ---------------------------------------------------------------------------------------------
 # Export
@@ -211,7 +149,7 @@ def load_hf_into(model: Transformer, hf_dir: str | Path) -> None:
     """Copy a Hugging Face Llama checkpoint's weights into `model` (plain or adapter-wrapped:
     adapters keep their own initialisation, frozen W takes the checkpoint's values)."""
     missing, unexpected = model.load_state_dict(read_hf_state_dict(hf_dir), strict=False)
-    missing = [k for k in missing if k.rpartition(".")[2] not in ADAPTER_SUFFIXES]
+    missing = [k for k in missing if k.rpartition(".")[2] not in ADAPTER_KEYS]
     if missing or unexpected:
         raise ValueError(f"{hf_dir}: checkpoint does not fit the model; missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
