@@ -62,3 +62,47 @@ def test_shipped_configs_load():
         if "accelerate" in path.parts or path.read_text().lstrip("# \n").startswith("sweep:") or "\nsweep:" in path.read_text():
             continue
         assert isinstance(load_config(path), Config), path
+
+
+def test_import_config_imports_no_torch():
+    import subprocess
+    import sys
+    code = "import sys, trainer.config; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_strategy_keys_are_checked_only_for_the_chosen_strategy():
+    cfg = load_config(None, ["strategy.name=full", "strategy.reset_every=20"])
+    assert cfg.strategy.reset_every == 20 and cfg.set_keys == {"strategy.name", "strategy.reset_every"}
+    load_config(None, ["strategy.name=lora", "strategy.switch_decay_base=2"])  # a SwitchLoRA key
+    with pytest.raises(ConfigError, match="strategy.switch_decay_base=2.0: expected in"):
+        load_config(None, ["strategy.name=switchlora", "strategy.switch_decay_base=2"])
+    with pytest.raises(ConfigError, match="strategy.prune_moments='both': expected one of joint, independent"):
+        load_config(None, ["strategy.name=relora", "strategy.prune_moments=both", "strategy.reset_every=50"])
+
+
+def test_restart_warmup_adapts_unless_set():
+    cfg = load_config(None, ["strategy.name=relora", "strategy.reset_every=50"])
+    assert cfg.strategy.restart_warmup == 25
+    assert load_config(None, ["strategy.name=relora", "strategy.reset_every=200"]).strategy.restart_warmup == 100
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["strategy.name=relora", "strategy.restart_warmup=100", "strategy.reset_every=50"])
+    assert str(err.value) == "strategy.restart_warmup=100: expected < strategy.reset_every=50"
+
+
+def test_relora_that_never_merges_warns_once():
+    with pytest.warns(UserWarning, match=r"reset_every=300 >= train.max_steps=300.*plain LoRA") as record:
+        load_config(None, ["strategy.name=relora", "strategy.reset_every=300", "train.max_steps=300"])
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["strategy.name=relora", "strategy.reset_every=100", "train.max_steps=300"])
+
+
+def test_removed_keys_in_an_older_runs_config_are_ignored(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("train:\n  compile: false\n  max_steps: 7\ndata:\n  num_workers: 0\n")
+    with pytest.warns(UserWarning, match="'train.compile' was removed"):
+        assert load_config(old).train.max_steps == 7
