@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer.rundir import RunDir
+
 # Dense bf16 peak FLOP/s by device-name substring (vendor datasheets).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
@@ -31,21 +33,21 @@ def bench(a) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="lrpt-bench-") as tmp:
         for name in a.strategies:
-            run_dir = Path(tmp) / name
+            run = RunDir(Path(tmp) / name)
             overrides = [f"model.name={a.model}", f"strategy.name={name}", f"train.max_steps={a.steps}",
-                         f"run.dir={run_dir}", "logging.log_every=1", f"logging.eval_every={10 * a.steps}",
+                         f"run.dir={run.path}", "logging.log_every=1", f"logging.eval_every={10 * a.steps}",
                          f"checkpoint.every={10 * a.steps}", "logging.progress=false", "logging.tensorboard=false",
                          "schedule.warmup_steps=0", *a.set]
-            code = subprocess.call([sys.executable, "-m", "trainer.loop", *overrides], stdout=subprocess.DEVNULL)
+            code = subprocess.call([sys.executable, "-m", "trainer", *overrides], stdout=subprocess.DEVNULL)
             if code != 0:
                 print(f"{name}: failed (exit {code})", file=sys.stderr)
                 continue
-            recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            recs = run.read_metrics()
             speeds = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][len(recs) // 4:]  # skip warm-up
-            cfg = load_config(run_dir / "config.yaml")
+            cfg = load_config(run.config)
             import torch
             with torch.device("meta"):
-                model = Transformer(ModelArgs(**json.loads((run_dir / "model.json").read_text())))
+                model = Transformer(ModelArgs(**json.loads(run.model_json.read_text())))
             tps = statistics.median(speeds)
             peak = peak_flops()
             rows.append((name, tps, tps * model.flops_per_token(cfg.data.seq_len) / peak if peak else None,

@@ -13,14 +13,16 @@ A sweep file (configs/experiments/compare-*.yaml) names the runs:
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from reports.compare import comparison_table
+from reports.plots import plot_runs
 from trainer.config import _deep_merge, _read_yaml, load_config, save_config
+from trainer.rundir import RunDir
 
 
 def _runs_from(configs: list[str]) -> dict[str, dict]:
@@ -42,15 +44,8 @@ def _runs_from(configs: list[str]) -> dict[str, dict]:
     return {Path(c).stem: _read_yaml(Path(c)) for c in configs}
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _finished(run_dir: Path, max_steps: int) -> bool:
-    return any(r.get("step") == max_steps and "loss" in r for r in _records(run_dir))
+    return any(r.get("step") == max_steps and "loss" in r for r in RunDir(run_dir).read_metrics())
 
 
 def compare(configs: list[str], out: str, overrides: list[str] = ()) -> Path:
@@ -73,58 +68,13 @@ def compare(configs: list[str], out: str, overrides: list[str] = ()) -> Path:
             print(f"[{name}] already finished, skipping")
             continue
         print(f"[{name}] training -> {cfg.run.dir}", flush=True)
-        code = subprocess.call([sys.executable, "-m", "trainer.loop", str(out_dir / "configs" / f"{name}.yaml")])
+        code = subprocess.call([sys.executable, "-m", "trainer", str(out_dir / "configs" / f"{name}.yaml")])
         if code != 0:
             raise SystemExit(f"[{name}] training failed with exit code {code}; run `lrpt compare` again to resume")
 
     table = comparison_table([out_dir / name for name in runs])
     (out_dir / "comparison.md").write_text(table + "\n")
     print(table)
-    from trainer.plots import plot_runs
     plots = plot_runs([out_dir / name for name in runs], out_dir / "plots")
     print(f"table: {out_dir / 'comparison.md'}; {len(plots)} plots in {out_dir / 'plots'}")
     return out_dir
-
-
-def comparison_table(run_dirs: list[Path]) -> str:
-    from trainer.comm import comm_report
-
-    full = next((d for d in run_dirs if load_config(d / "config.yaml").strategy.name == "full"), None)
-    comm_rows = {Path(r["run"]).name: r for r in comm_report([str(d) for d in run_dirs],
-                                                             full_rank_run=str(full) if full else None)}
-    header = ("| run | strategy | train loss | val loss | val ppl | minimal pairs | trainable | DDP bytes/step "
-              "| measured bytes/step | saving vs full | tokens/s | train time |")
-    lines = [header, "|" + "|".join(["---"] * 12) + "|"]
-    # Gradient payload of one data-parallel step: every trainable fp32 parameter once, whatever
-    # the world size (a 1-process run measures no traffic, but the comparison still holds).
-    full_bytes = None
-    if full is not None:
-        full_recs = [r for r in _records(full) if "total_params" in r]
-        full_bytes = 4 * full_recs[-1]["total_params"] if full_recs else None
-    for d in run_dirs:
-        recs = _records(d)
-        cfg = load_config(d / "config.yaml")
-        train = [r for r in recs if "loss" in r]
-        last = train[-1] if train else {}
-        val = next((r for r in reversed(recs) if "val_loss" in r), {})
-        blimp = next((r for r in reversed(recs) if "blimp_acc" in r), {})
-        c = comm_rows.get(d.name, {})
-        speed = [r["tokens_per_s"] for r in train[1:]] or [last.get("tokens_per_s", float("nan"))]
-        share = last.get("trainable_params", 0) / max(1, last.get("total_params", 1))
-        ddp_bytes = 4 * last.get("trainable_params", 0)
-        measured = c.get("measured_bytes_per_step") if c.get("world_size", 1) > 1 else None
-        lines.append("| " + " | ".join([
-            d.name, cfg.strategy.name, f"{last.get('loss', float('nan')):.4f}",
-            f"{val.get('val_loss', float('nan')):.4f}", f"{val.get('val_ppl', float('nan')):.2f}",
-            f"{blimp.get('blimp_acc', float('nan')):.3f}", f"{100 * share:.1f}%",
-            _mb(ddp_bytes), _mb(measured), _pct(1 - ddp_bytes / full_bytes if full_bytes else None),
-            f"{sum(speed) / len(speed):,.0f}", f"{last.get('elapsed_s', float('nan')):.0f} s"]) + " |")
-    return "\n".join(lines)
-
-
-def _mb(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x / 1e6:.3f} MB"
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
+
+from trainer import rundir
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
 DEEPSPEED_CHOICES = ("zero1", "zero2", "zero3")
@@ -50,8 +52,7 @@ def lrpt_command() -> str:
 
 
 def default_run_dir(config_path: str | None, job_name: str | None) -> Path:
-    name = job_name or (Path(config_path).stem if config_path else "lrpt")
-    return (Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}").resolve()
+    return rundir.default_run_dir(job_name or (Path(config_path).stem if config_path else "lrpt"))
 
 
 def split_run_dir(overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -213,13 +214,8 @@ def status(run_dir: str | Path, env: dict | None = None) -> str:
         lines.append(f"log: {run_dir.resolve() / f'slurm-{job_id}.out'}")
     else:
         lines.append("no job submitted from this run directory (no slurm.jobs)")
-    metrics = run_dir / "metrics.jsonl"
-    last = ""
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            if line.strip():
-                last = line.strip()
-    lines.append(f"last metrics: {last}" if last else "last metrics: none yet")
+    records = rundir.RunDir(run_dir).read_metrics()
+    lines.append(f"last metrics: {json.dumps(records[-1])}" if records else "last metrics: none yet")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ import math
 
 import yaml
 
-from trainer.plots import plot_runs, series
+from reports.plots import plot_runs, series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +38,7 @@ def write_run(path, strategy, *, dynamics=True, comm=True):
 def test_two_runs_overlaid(tmp_path, caplog):
     a = write_run(tmp_path / "full-run", "full")
     b = write_run(tmp_path / "relora-run", "relora")
-    with caplog.at_level(logging.INFO, logger="trainer.plots"):
+    with caplog.at_level(logging.INFO, logger="reports.plots"):
         paths = plot_runs([a, b], tmp_path / "plots")
     names = {p.name for p in paths}
     assert names == {"loss.png", "val_ppl.png", "lr.png", "comm_bytes.png", "tokens_per_s.png", "dyn_weight_per.png",

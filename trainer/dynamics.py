@@ -241,6 +241,7 @@ def analyze_run(run_dir: str | Path, *, kinds=DEFAULT_KINDS, layers=None, **svd)
                    **_metrics(parts, previous, svd)}
         records.append(rec)
         previous, previous_step = {k: p.weight for k, p in parts.items()}, rec["step"]
-    with open(Path(run_dir) / "dynamics.jsonl", "w") as f:
+    from trainer.rundir import RunDir
+    with open(RunDir(run_dir).dynamics, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return records

@@ -7,7 +7,6 @@ Uses matplotlib's object API (Figure + Agg canvas), so no global backend state i
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import yaml
 from matplotlib.figure import Figure
+
+from trainer.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +42,18 @@ class Run:
     dynamics: list[dict] = field(default_factory=list)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a record cut short by a kill: skip it
-            continue
-    return [r for r in out if isinstance(r, dict)]
-
-
 def load_run(run_dir: str | Path) -> Run:
-    run_dir = Path(run_dir)
-    label = run_dir.name
+    rd = RunDir(run_dir)
+    label = rd.path.name
     try:
-        strategy = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("strategy", {}).get("name")
+        strategy = (yaml.safe_load(rd.config.read_text()) or {}).get("strategy", {}).get("name")
         label += f" ({strategy})" if strategy else ""
     except (OSError, yaml.YAMLError, AttributeError):
         pass
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    records = rd.read_metrics()
     # In-loop dynamics first (every interval); the offline analysis (checkpoints) otherwise.
-    dynamics = [r for r in records if any(k.startswith("dyn/") for k in r)] or read_jsonl(run_dir / "dynamics.jsonl")
-    return Run(run_dir.name, label, records, dynamics)
+    dynamics = [r for r in records if any(k.startswith("dyn/") for k in r)] or rd.read_dynamics()
+    return Run(rd.path.name, label, records, dynamics)
 
 
 def _finite(v) -> bool:

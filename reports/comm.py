@@ -1,0 +1,245 @@
+"""The analytic communication model and the `lrpt comm` report: bytes per optimizer step from
+a config alone, measured bytes per step from a run directory, and the saving against
+full-rank training. Payload and wire bytes are defined in trainer/comm.py, which counts them.
+
+DDP moves payload T = trainable bytes per optimizer step (one all-reduce at the last
+micro-batch), wire 2(n-1)/n T. ZeRO-1 reduces each gradient slice to the rank that owns it
+(payload T, together a reduce-scatter) and all-gathers the updated shards (T): payload 2T,
+wire 2(n-1)/n T, the same as DDP. ZeRO-2 must reduce at every micro-batch (it keeps only
+gradient partitions): (k+1) T with k accumulation steps. configs/deepspeed/zero{1,2}.json
+set use_multi_rank_bucket_allreduce=false for this: DeepSpeed's default all-reduces whole
+gradient buckets instead (wire 2(n-1)/n T for the gradients alone, 1.5x DDP in all).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.comm import wire_bytes
+from trainer.config import load_config
+from trainer.model import SIZES, Transformer, model_args
+from trainer.rundir import RunDir
+from trainer.strategies import build_strategy
+
+
+def analytic_bytes_per_step(trainable_bytes: int, world_size: int, engine: str = "ddp", *,
+                            grad_accum: int = 1, total_bytes: int | None = None) -> int:
+    """Payload bytes one rank puts into collectives per optimizer step (trainer/comm.py's terms),
+    as measured on DDP and DeepSpeed 0.19 with configs/deepspeed/*.json:
+
+    ddp    one all-reduce of the trainable gradients at the last micro-batch: T.
+    zero1  gradients reduced to their owners once per step (T), updated trainable shards
+           all-gathered (T): 2T. Wire bytes equal DDP's (reduce-scatter + all-gather).
+    zero2  gradients are partitioned, so they are reduced at EVERY micro-batch: (k + 1) T
+           with k = grad_accum. With accumulation ZeRO-1 moves fewer bytes.
+    zero3  as zero2 for gradients, plus every parameter (frozen W included, total bytes P)
+           all-gathered in each forward and backward of each micro-batch: k T + 2 k P.
+    (ZeRO also all-reduces the gradient norm when clipping, 4 bytes per flat optimizer group; not counted here.)
+    """
+    if world_size <= 1:
+        return 0
+    t, k = int(trainable_bytes), max(1, int(grad_accum))
+    if engine in ("ddp", "none"):
+        return t
+    if engine == "zero1":
+        return 2 * t
+    if engine == "zero2":
+        return (k + 1) * t
+    if engine == "zero3":
+        return k * t + 2 * k * int(total_bytes if total_bytes is not None else t)
+    raise ValueError(f"engine {engine!r}: expected ddp, zero1, zero2 or zero3")
+
+
+def analytic_wire_bytes_per_step(trainable_bytes: int, world_size: int, engine: str = "ddp", *,
+                                 grad_accum: int = 1, total_bytes: int | None = None) -> float:
+    """Ring-model bytes one rank sends per optimizer step (see analytic_bytes_per_step)."""
+    if engine in ("ddp", "none"):
+        return wire_bytes(trainable_bytes, world_size, "all_reduce")
+    # ZeRO: every collective is a reduce(-scatter) or an all-gather, (n-1)/n of its payload.
+    payload = analytic_bytes_per_step(trainable_bytes, world_size, engine, grad_accum=grad_accum,
+                                      total_bytes=total_bytes)
+    return wire_bytes(payload, world_size, "all_gather")
+
+
+def model_bytes(cfg) -> dict:
+    """Parameter bytes for a config, counted on the meta device (no memory: works up to 7B):
+    trainable and total with the strategy applied as after any warm start, and `base_bytes`
+    of the plain model (what full-rank training syncs)."""
+    vocab = cfg.model.vocab_size or SIZES[cfg.model.name].get("vocab_size") or cfg.data.embedded_vocab
+    args = model_args(cfg.model, cfg.data.seq_len, vocab_size=vocab)
+    with torch.device("meta"):
+        model = Transformer(args)
+        base = sum(p.numel() * p.element_size() for p in model.parameters())
+        build_strategy(cfg.strategy, cfg.train.seed).apply(model, cfg.optimizer.weight_decay,
+                                                           cfg.strategy.warm_start_steps)
+    params = list(model.parameters())
+    return dict(trainable_params=sum(p.numel() for p in params if p.requires_grad),
+                total_params=sum(p.numel() for p in params),
+                trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+                total_bytes=sum(p.numel() * p.element_size() for p in params), base_bytes=base)
+
+
+def analytic_from_config(cfg, world_size: int | None = None) -> dict:
+    """Analytic bytes per step for a config without any run (e.g. llama-130m, relora, r=128)."""
+    n = world_size or 2
+    b = model_bytes(cfg)
+    engine = "ddp" if cfg.distributed.deepspeed == "none" else cfg.distributed.deepspeed
+    kw = dict(grad_accum=cfg.train.grad_accum, total_bytes=b["total_bytes"])
+    return dict(model=cfg.model.name, strategy=cfg.strategy.name, rank=cfg.strategy.rank, world_size=n,
+                engine=engine, **b,
+                analytic_bytes_per_step=analytic_bytes_per_step(b["trainable_bytes"], n, engine, **kw),
+                analytic_wire_bytes_per_step=analytic_wire_bytes_per_step(b["trainable_bytes"], n, engine, **kw),
+                # Full rank: the same model without adapters, every weight trainable.
+                full_rank_bytes_per_step=analytic_bytes_per_step(b["base_bytes"], n, engine,
+                                                                 grad_accum=cfg.train.grad_accum,
+                                                                 total_bytes=b["base_bytes"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# `lrpt comm`: one row per run.
+
+def measure_run(metrics: list[dict]) -> dict:
+    """Measured bytes and seconds per optimizer step from a run's training records.
+
+    Uses the steady state: records after the last re-wrap (a ReLoRA warm start trains full
+    rank first) and after the first record (its window includes start-up). Differences of
+    `comm_bytes_total` and `elapsed_s` (both carried across resumes) over the step span."""
+    recs = [r for r in metrics if "comm_bytes" in r and "step" in r]
+    if not recs:
+        return {}
+    out = {k: recs[-1].get(k) for k in ("trainable_params", "total_params", "world_size")}
+    rewraps = [i for i, r in enumerate(metrics) if r.get("event") == "rewrap"]
+    if rewraps:
+        after = metrics[rewraps[-1]]["step"]
+        later = [r for r in recs if r["step"] > after]
+        recs = later or recs
+    if len(recs) >= 2:
+        a, b = recs[0], recs[-1]
+        steps = b["step"] - a["step"]
+        nbytes = b.get("comm_bytes_total", 0) - a.get("comm_bytes_total", 0)
+        secs = sum(r.get("comm_time_s") or 0.0 for r in recs[1:])
+        wall = (b.get("elapsed_s") or 0.0) - (a.get("elapsed_s") or 0.0)
+    else:
+        b = recs[0]
+        steps, nbytes = b["step"], b.get("comm_bytes_total", b.get("comm_bytes", 0))
+        secs, wall = b.get("comm_time_s") or 0.0, b.get("elapsed_s") or 0.0
+    if steps <= 0:
+        return out
+    out["measured_bytes_per_step"] = nbytes / steps
+    out["comm_time_per_step_s"] = secs / steps
+    out["step_time_s"] = wall / steps if wall > 0 else None
+    out["measured_steps"] = steps
+    return out
+
+
+def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, full_rank_run=None) -> list[dict]:
+    """One dict per run directory (DESIGN.md's `lrpt comm` contract). A YAML config in
+    place of a run directory gives the analytic figures only.
+
+    `saving_vs_full` compares this run's bytes per step (measured, else analytic) with a
+    full-rank run's measured bytes when `full_rank_run` is given, else with the analytic
+    full-rank figure for the same model, engine and world size. Projected times are ring
+    wire bytes (analytic for this config; measured payload equals it, see tests) divided by
+    each link bandwidth, for the run's world size and for `world_size` if given."""
+    full_measured = None
+    if full_rank_run is not None:
+        full_measured = measure_run(RunDir(full_rank_run).read_metrics()).get("measured_bytes_per_step")
+    rows = []
+    for rd in run_dirs:
+        rd = Path(rd)
+        is_run = rd.is_dir()
+        cfg = load_config(RunDir(rd).config if is_run else rd)
+        meas = measure_run(RunDir(rd).read_metrics()) if is_run else {}
+        n_run = meas.get("world_size") or world_size or 2
+        ana = analytic_from_config(cfg, n_run)
+        measured = meas.get("measured_bytes_per_step")
+        mine = measured if measured is not None else ana["analytic_bytes_per_step"]
+        full = full_measured or ana["full_rank_bytes_per_step"]
+        step_s, comm_s = meas.get("step_time_s"), meas.get("comm_time_per_step_s")
+        row = dict(run=str(rd), strategy=cfg.strategy.name, model=cfg.model.name, rank=cfg.strategy.rank,
+                   engine=ana["engine"], world_size=n_run, grad_accum=cfg.train.grad_accum,
+                   trainable_params=meas.get("trainable_params") or ana["trainable_params"],
+                   total_params=meas.get("total_params") or ana["total_params"],
+                   measured_bytes_per_step=measured, analytic_bytes_per_step=ana["analytic_bytes_per_step"],
+                   full_rank_bytes_per_step=full, saving_vs_full=(1 - mine / full) if full else None,
+                   saving_basis="measured full-rank run" if full_measured else "analytic full-rank",
+                   comm_time_per_step_s=comm_s, step_time_s=step_s,
+                   comm_share_of_step=(comm_s / step_s) if comm_s is not None and step_s else None,
+                   projected_comm_s={})
+        for n in dict.fromkeys([n_run] + ([world_size] if world_size else [])):
+            wire = analytic_wire_bytes_per_step(ana["trainable_bytes"], n, ana["engine"],
+                                                grad_accum=cfg.train.grad_accum, total_bytes=ana["total_bytes"])
+            row["projected_comm_s"][f"n{n}"] = {f"{bw:g}gbit": wire * 8 / (bw * 1e9) for bw in bandwidths_gbit}
+        rows.append(row)
+    return rows
+
+
+def _human_bytes(v: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{unit}"
+    return f"{v:.0f}B"
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width table of comm_report rows (bytes are per rank per optimizer step)."""
+    cols = [("run", "run"), ("strategy", "strategy"), ("engine", "engine"), ("world_size", "n"),
+            ("measured_bytes_per_step", "measured/step"), ("analytic_bytes_per_step", "analytic/step"),
+            ("full_rank_bytes_per_step", "full-rank/step"), ("saving_vs_full", "saving"),
+            ("comm_share_of_step", "comm share")]
+    proj = list(dict.fromkeys((n, bw) for r in rows for n, d in r["projected_comm_s"].items() for bw in d))
+    header = [h for _, h in cols] + [f"{bw.replace('gbit', 'G')}@{n}" for n, bw in proj]
+
+    def cell(r, key):
+        v = r.get(key)
+        if v is None:
+            return "-"
+        if key in ("saving_vs_full", "comm_share_of_step"):
+            return f"{100 * v + 0.0:.1f}%" if abs(v) >= 5e-4 else "0.0%"
+        if key.endswith("bytes_per_step"):
+            return _human_bytes(v)
+        if key == "run":
+            return Path(str(v)).name or str(v)
+        return str(v)
+
+    table = [header] + [[cell(r, k) for k, _ in cols] +
+                        [f"{1e3 * r['projected_comm_s'].get(n, {}).get(bw, float('nan')):.2f}ms" for n, bw in proj]
+                        for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if proj:
+        lines.append("ms: projected ring wire time per optimizer step at <link Gbit/s>@n<ranks>")
+    return "\n".join(lines)
+
+
+def plot_comm(rows: list[dict], path) -> None:
+    """Left: bytes per step per run (measured, else analytic) beside the full-rank figure.
+    Right: projected comm time per step at each bandwidth (the run's world size)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [Path(r["run"]).name or r["run"] for r in rows]
+    mine = [r["measured_bytes_per_step"] if r["measured_bytes_per_step"] is not None
+            else r["analytic_bytes_per_step"] for r in rows]
+    full = [r["full_rank_bytes_per_step"] or 0 for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    ax0.bar([i - 0.2 for i in x], [f / 1e6 for f in full], width=0.4, label="full-rank", color="0.7")
+    ax0.bar([i + 0.2 for i in x], [m / 1e6 for m in mine], width=0.4, label="this run")
+    ax0.set_ylabel("MB per optimizer step per rank (payload)")
+    ax0.legend()
+    bws = list(dict.fromkeys(bw for r in rows for bw in next(iter(r["projected_comm_s"].values()), {})))
+    width = 0.8 / max(1, len(bws))
+    for j, bw in enumerate(bws):
+        ys = [1e3 * next(iter(r["projected_comm_s"].values()), {}).get(bw, 0.0) for r in rows]
+        ax1.bar([i + (j - (len(bws) - 1) / 2) * width for i in x], ys, width=width, label=bw.replace("gbit", " Gbit/s"))
+    ax1.set_ylabel("projected comm ms per step (ring, run's n)")
+    if bws:
+        ax1.legend()
+    for ax in (ax0, ax1):
+        ax.set_xticks(x, names, rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
