@@ -28,19 +28,12 @@ EPILOG = """examples:
 """
 
 
-def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG] [key=value ...]`: the first item is a YAML path unless it is an override."""
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
-
-
 def cmd_train(a) -> int:
     if a.help_config:
         from trainer.config import describe
         print("\n".join(describe()))
         return 0
-    from trainer.loop import main as train_main
+    from trainer.__main__ import main as train_main
     return train_main(a.config)
 
 
@@ -63,7 +56,17 @@ def cmd_data(a) -> int:
 def cmd_eval(a) -> int:
     from trainer.evaluate import evaluate_checkpoint
     result = evaluate_checkpoint(a.path, data_dir=a.data, pairs=a.pairs, device=a.device)
-    print(json.dumps(result, indent=1) if a.json else "\n".join(f"{k:40s} {v}" for k, v in result.items()))
+    if a.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"checkpoint {result['checkpoint']} (step {result['step']})")
+    print(f"  validation loss   {result['val_loss']:.4f}   perplexity {result['val_ppl']:.2f}")
+    if "blimp_acc" in result:
+        print(f"  minimal pairs     {100 * result['blimp_acc']:.1f}% overall")
+        phenomena = {k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("blimp/")}
+        width = max(map(len, phenomena), default=0)
+        for name, acc in phenomena.items():
+            print(f"    {name:{width}s}  {100 * acc:5.1f}%")
     return 0
 
 
@@ -93,7 +96,7 @@ def cmd_plot(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from trainer.export import export_hf
+    from trainer.hf import export_hf
     out = export_hf(a.checkpoint, a.out)
     print(f"exported to {out}: load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -219,14 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
-    from trainer.config import ConfigError
-    from trainer.data import DataError
+    from trainer.errors import exit_code, message
     try:
         return args.fn(args) or 0
-    except (FileNotFoundError, ConfigError, DataError) as e:
-        # Expected user errors (bad path, bad config value) get one line, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - expected errors get one line, bugs their traceback
+        code = exit_code(e)
+        if code is None:
+            raise
+        print(message(e), file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

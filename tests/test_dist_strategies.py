@@ -1,8 +1,8 @@
 """Low-rank strategies through the real training loop, 1 node x 2 processes over gloo.
 
-Five launches of `python -m trainer.loop` (composed by `lrpt launch`'s `compose`), each run
+Five launches of `python -m trainer` (composed by `lrpt launch`'s `compose`), each run
 through this file's own entry point (`python -m tests.test_dist_strategies`), which adds an
-independent probe and then calls `trainer.loop.main`. The probe wraps torch.distributed's
+independent probe and then calls `trainer.__main__.main`. The probe wraps torch.distributed's
 collectives and DDP's bucket all-reduce hook *below* trainer/comm.py's meter and records,
 for every optimizer step, which collective ran at which micro-batch with how many bytes,
 plus the steps at which the loop checked cross-rank consistency.
@@ -56,7 +56,7 @@ FULL = ["strategy.name=full", "train.max_steps=3"]
 # The probe (runs inside each launched process)
 
 def _probe_main(argv: list[str]) -> int:
-    """`python -m tests.test_dist_strategies CONFIG? key=value ...`: trainer.loop.main with
+    """`python -m tests.test_dist_strategies CONFIG? key=value ...`: trainer.__main__.main with
     collectives recorded per optimizer step into $LRPT_PROBE_DIR/rank<R>.json."""
     import torch
     import torch.distributed as dist
@@ -129,7 +129,8 @@ def _probe_main(argv: list[str]) -> int:
     loop.Trainer._train_step, BatchLoader.next_batch, loop.check_consistency = (
         probed_train_step, probed_next_batch, probed_check)
     try:
-        return loop.main(argv)
+        from trainer.__main__ import main
+        return main(argv)
     finally:
         rank = os.environ.get("RANK", "0")
         d = Path(os.environ["LRPT_PROBE_DIR"])
@@ -402,8 +403,8 @@ def test_zero2_relora_merges_reach_the_fp32_masters(zero2_relora):
     Adam moments were pruned (90%, both moments of an element together)."""
     import torch
 
-    from trainer.strategies.base import seeded_generator
-    from trainer.strategies.lora import PURPOSE_A_INIT, kaiming_uniform
+    from trainer.seeding import Purpose, seeded_generator
+    from trainer.strategies.lora import kaiming_uniform
 
     info = param_bytes(zero2_relora, RELORA_REWRAP)
     names = [n for n, _ in info["strategy"].adapters]
@@ -414,7 +415,7 @@ def test_zero2_relora_merges_reach_the_fp32_masters(zero2_relora):
         opt = zero2_relora.checkpoint(k, "optimizer.pt")
         for index, name in enumerate(names):
             A, B, W = (f"{name}.lora_A", f"{name}.lora_B", f"{name}.weight")
-            fresh = kaiming_uniform(at[A].shape, seeded_generator(info["seed"], k, index, PURPOSE_A_INIT))
+            fresh = kaiming_uniform(at[A].shape, seeded_generator(info["seed"], k, index, Purpose.A_INIT))
             assert torch.equal(at[A], fresh) and not at[B].any(), (k, name)
             assert torch.equal(after[A], at[A]) and torch.equal(after[B], at[B]), (k, name)
             assert torch.equal(after[W], at[W]) and torch.equal(zero2_relora.checkpoint(k - 2)[W], before[W])

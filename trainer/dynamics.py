@@ -230,10 +230,11 @@ def analyze_run(run_dir: str | Path, *, kinds=DEFAULT_KINDS, layers=None, **svd)
     `run_dir/dynamics.jsonl`. Updates span consecutive checkpoints (`update_from` says from
     which step); checkpoints hold no gradients. Retention (`checkpoint.keep`) bounds what is
     left to analyse: the in-loop tracker sees every interval."""
-    from trainer.export import checkpoint_dirs, step_of
+    from trainer.checkpoint import complete_checkpoints, step_of
+    from trainer.rundir import RunDir
 
     records, previous, previous_step = [], None, None
-    for ckpt in checkpoint_dirs(run_dir):
+    for ckpt in complete_checkpoints(run_dir):
         sd = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
         with torch.no_grad():
             parts = _layer_parts(sd, kinds, layers)
@@ -241,7 +242,6 @@ def analyze_run(run_dir: str | Path, *, kinds=DEFAULT_KINDS, layers=None, **svd)
                    **_metrics(parts, previous, svd)}
         records.append(rec)
         previous, previous_step = {k: p.weight for k, p in parts.items()}, rec["step"]
-    from trainer.rundir import RunDir
     with open(RunDir(run_dir).dynamics, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return records
