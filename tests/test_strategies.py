@@ -301,3 +301,35 @@ def test_relora_draws_depend_only_on_seed():
         assert torch.equal(a, b)
     for a, b in zip(r1.engine.torch_optimizer.state.values(), r2.engine.torch_optimizer.state.values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
+
+
+def test_independent_pruning_masks_each_moment_by_itself():
+    """prune_moments=independent (the paper's reference): exp_avg and exp_avg_sq each lose
+    their own smallest 90%, so their zero patterns differ; joint is tested above."""
+    rig, x = _train_until_merge(optimizer_reset="magnitude", reset_ratio=0.9, prune_moments="independent")
+    twin, _ = _train_until_merge(optimizer_reset="magnitude", reset_ratio=0.9, prune_moments="independent")
+    rig.train_step(x)
+    loss = twin.model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    twin.optimizer.step()
+    pb = dict(twin.module.named_parameters())
+    differ = 0
+    for name, p in rig.module.named_parameters():
+        if name.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"):
+            continue
+        after, before = rig.engine.torch_optimizer.state[p], twin.engine.torch_optimizer.state[pb[name]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            kept = after[key] != 0
+            assert torch.equal(after[key][kept], before[key][kept])
+            assert before[key][kept].abs().min() >= before[key][~kept].abs().max()  # its own largest
+        differ += int(not torch.equal(after["exp_avg"] == 0, after["exp_avg_sq"] == 0))
+    assert differ > 0
+
+
+@pytest.mark.parametrize("name", ["lora", "switchlora"])
+def test_rewrap_refuses_rather_than_reinitialise(name):
+    rig = Rig(name)
+    before = {n: p.detach().clone() for n, p in rig.module.named_parameters()}
+    with pytest.raises(RuntimeError, match="never changes its trainable set"):
+        rig.strategy.rewrap(rig.module, 5, 0.0)
+    assert all(torch.equal(p, before[n]) for n, p in rig.module.named_parameters())

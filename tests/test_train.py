@@ -42,6 +42,16 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     assert (full / "config.yaml").is_file() and (full / "checkpoints" / "latest").is_file()
 
 
+def test_resume_with_dropout_restores_the_global_rng(tmp_path):
+    """Dropout draws from the global generator: a resume that did not restore it would
+    draw other masks and the losses would part."""
+    drop = ["strategy.name=relora", "strategy.rank=4", "strategy.dropout=0.1", "train.max_steps=10"]
+    full = run(tmp_path, "da", *drop, "checkpoint.every=100")
+    part = run(tmp_path, "db", *drop, "checkpoint.every=5", "train.stop_at=5")
+    run(tmp_path, "db", *drop, "checkpoint.every=5")
+    assert losses(part) == losses(full)
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     run_dir = run(tmp_path, "c", "train.max_steps=8", "checkpoint.every=3", "train.stop_at=6")
     newest = ckpt.find_latest(run_dir / "checkpoints")
