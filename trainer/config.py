@@ -84,7 +84,7 @@ class StrategyConfig:
     warm_start_steps: int = 0  # full-rank steps before the adapters take over
     optimizer_reset: str = "magnitude"  # zero | random | magnitude
     reset_ratio: float = 0.9  # fraction of adapter optimizer state pruned at each merge
-    restart_warmup: int = 100  # linear re-warmup steps after each merge; unset -> at most reset_every // 2
+    restart_warmup: int = 100  # linear re-warmup steps after each merge; left unset, reset_every // 2 if 100 does not fit
     prune_moments: str = "joint"  # joint (one mask for both Adam moments) | independent (a mask each, as the ReLoRA paper)
     # SwitchLoRA
     switch_interval0: float = 40.0  # initial steps between switches of one vector
