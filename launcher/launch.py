@@ -1,7 +1,7 @@
 """`lrpt launch`: the `accelerate launch` command line for one node of a run.
 
 One call per node (SLURM runs one per node with --node-rank $SLURM_NODEID). The command
-runs `python -m trainer.loop CONFIG overrides` in every process; the run config is the one
+runs `python -m trainer CONFIG overrides` in every process; the run config is the one
 truth about DDP vs DeepSpeed (`distributed.deepspeed`), and this module only chooses the
 matching launcher. Conventions that are easy to get wrong (REFERENCE.md):
 - `--num_processes` is the total over all machines; Accelerate divides it by --num_machines.
@@ -22,9 +22,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainer.resources import resource
+
 ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
-DEEPSPEED_CONFIGS = ROOT / "configs" / "deepspeed"
+ACCELERATE_CONFIGS = resource("configs", "accelerate")
+DEEPSPEED_CONFIGS = resource("configs", "deepspeed")
 DEEPSPEED_CHOICES = ("zero1", "zero2", "zero3")
 
 
@@ -43,7 +45,7 @@ def _config_deepspeed(config_path, overrides) -> str:
 
 def compose(config_path, overrides=(), *, nodes: int = 1, node_rank: int = 0, main_ip: str = "127.0.0.1",
             main_port: int = 29500, gpus_per_node: int | None = None, deepspeed: str | None = None,
-            cpu: bool | None = None, rdzv: str = "static", module: str = "trainer.loop") -> tuple[list[str], dict]:
+            cpu: bool | None = None, rdzv: str = "static", module: str = "trainer") -> tuple[list[str], dict]:
     """(argv, env): the command for node `node_rank` and the environment changes it needs
     (a value of None means: unset). `deepspeed=None` takes distributed.deepspeed from the
     config; `gpus_per_node=None` is the visible GPU count (1 on CPU); `cpu=None` detects.
@@ -111,7 +113,7 @@ def child_env(env: dict) -> dict:
             out.pop(k, None)
         else:
             out[k] = v
-    # Make `python -m trainer.loop` importable from any working directory.
+    # Make `python -m trainer` importable from any working directory.
     out["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([out["PYTHONPATH"]] if out.get("PYTHONPATH") else []))
     return out
 

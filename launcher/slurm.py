@@ -12,7 +12,6 @@ resumes where it stopped. It holds the rendered script (`slurm.sbatch`), the job
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import re
 import shlex
@@ -22,27 +21,13 @@ import sys
 from pathlib import Path
 
 from trainer import rundir
+from trainer.errors import EXIT_PREEMPTED
+from trainer.resources import resource
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+TEMPLATE = resource("slurm", "train.sbatch")
 DEEPSPEED_CHOICES = ("zero1", "zero2", "zero3")
 SIGNAL_SECONDS = 300  # warning before the time limit: one optimizer step plus a checkpoint
 MAX_REQUEUES = 20  # requeues after preemption; a crash never requeues
-
-
-def exit_preempted() -> int:
-    """trainer.loop.EXIT_PREEMPTED, read from the source without importing torch; else 85."""
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("trainer.loop")
-        tree = ast.parse(Path(spec.origin).read_text())
-        for node in tree.body:
-            if (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "EXIT_PREEMPTED" for t in node.targets)
-                    and isinstance(node.value, ast.Constant)):
-                return int(node.value.value)
-    except Exception:
-        pass
-    return 85
 
 
 def lrpt_command() -> str:
@@ -135,7 +120,7 @@ def render(config_path: str | None, overrides: list[str] | tuple[str, ...] = (),
         "signal_seconds": str(int(signal_seconds)),
         "setup": "\n".join(setup_lines),
         "run_dir": shlex.quote(str(run_dir)),
-        "exit_preempted": str(exit_preempted()),
+        "exit_preempted": str(EXIT_PREEMPTED),
         "max_requeues": str(int(max_requeues)),
         "srun_cpus": srun_cpus,
         "launch_command": " ".join(shlex.quote(a) for a in launch),

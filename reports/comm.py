@@ -18,7 +18,8 @@ import torch
 
 from trainer.comm import wire_bytes
 from trainer.config import load_config
-from trainer.model import SIZES, Transformer, model_args
+from trainer.model import Transformer, model_args
+from trainer.shapes import SIZES
 from trainer.rundir import RunDir
 from trainer.strategies import build_strategy
 

@@ -21,13 +21,13 @@ import os
 import socket
 import warnings
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
 from trainer import comm
+from trainer.resources import resource
 
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+DEEPSPEED_CONFIG_DIR = resource("configs", "deepspeed")
 
 
 from trainer.errors import ConsistencyError, DistributedError  # noqa: E402,F401
@@ -154,10 +154,6 @@ def build_accelerator(cfg):
     return acc
 
 
-def is_deepspeed(accelerator) -> bool:
-    return accelerator.distributed_type.name == "DEEPSPEED"
-
-
 # ---------------------------------------------------------------------------------------------
 # Wrapping (and re-wrapping)
 
@@ -270,12 +266,5 @@ def check_consistency(engine, step: int) -> None:
             f"differs on rank(s) {ranks} from rank 0 ({len(bad_params)} parameter(s) differ in all)")
 
 
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 __all__ = ["build_accelerator", "prepare", "check_consistency", "ConsistencyError", "DistributedError",
-           "deepspeed_config", "resolve_device", "mixed_precision", "is_deepspeed", "param_checksum"]
+           "deepspeed_config", "resolve_device", "mixed_precision", "param_checksum"]

@@ -25,8 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-KINDS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+from trainer.shapes import PROJECTIONS as KINDS  # short name -> module path inside a layer
+
 DEFAULT_KINDS = ("v", "o", "down")  # the study's value, output and MLP down projections
 RANDOMIZED_ABOVE = 2048  # exact SVD up to llama-1b's hidden size; top-k beyond
 RANDOMIZED_RANK = 256
@@ -110,7 +110,7 @@ class _Layer(NamedTuple):
 
 def _layer_parts(source, kinds, layers) -> dict[tuple[int, str], _Layer]:
     """The matrices of each (layer, kind) from a model or a raw (unmerged) state dict."""
-    from trainer.export import merged_state_dict
+    from trainer.strategies.lora import merged_state_dict
 
     parts = {}
     if isinstance(source, nn.Module):
