@@ -43,6 +43,7 @@ def cmd_data(a) -> int:
         out = data.prepare(a.sources, a.out, tokenizer_path=a.tokenizer, vocab_size=a.vocab_size,
                            val_fraction=a.val_fraction, text_field=a.text_field, hf_split=a.split,
                            hf_config=a.hf_config, max_documents=a.max_documents, overwrite=a.overwrite,
+                           unit=a.unit, min_val_tokens=a.min_val_tokens,
                            # Progress bars only on a terminal: the BPE trainer's bar writes
                            # blank lines to a redirected stdout.
                            progress=sys.stdout.isatty() and sys.stderr.isatty())
@@ -131,6 +132,7 @@ def cmd_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainer.data.prepare import MIN_VAL_TOKENS, UNITS
     p = argparse.ArgumentParser(prog="lrpt", description="Pretrain LLaMA-style models full-rank or low-rank "
                                 "(LoRA, ReLoRA, SwitchLoRA) and measure the communication saved.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,17 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="prepare or describe token shards")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
-    dp = dsub.add_parser("prepare", help="text files or a Hugging Face dataset -> BPE -> packed shards")
+    dp = dsub.add_parser(
+        "prepare", help="text files or a Hugging Face dataset -> BPE -> packed shards",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Tokenize text into a prepared directory for data.source=DIR. Documents: in a .txt file "
+        "one per paragraph (lines up to a blank line) by default, or one per line, or the whole file "
+        "(--unit); in .jsonl/.parquet/HF datasets one per row (--text-field). Whole documents go to the "
+        "validation split (--val-fraction, chosen by hash); if that gives fewer than --min-val-tokens, "
+        "the last training documents are moved there, and a corpus too small even for that is refused.")
     dp.add_argument("sources", nargs="+", help=".txt/.jsonl/.parquet files, directories, or a HF dataset name")
     dp.add_argument("--out", required=True, help="output directory")
-    dp.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE)")
-    dp.add_argument("--vocab-size", type=int, default=8192)
-    dp.add_argument("--val-fraction", type=float, default=0.005)
-    dp.add_argument("--text-field", default="text")
+    dp.add_argument("--unit", choices=UNITS, default="paragraph", help="what one document of a .txt file is")
+    dp.add_argument("--tokenizer", help="an existing tokenizer.json; without one a byte-level BPE is trained")
+    dp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when training a tokenizer")
+    dp.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out for validation")
+    dp.add_argument("--min-val-tokens", type=int, default=MIN_VAL_TOKENS,
+                    help="validation tokens at least (one evaluation batch at the default batch_size x seq_len)")
+    dp.add_argument("--text-field", default="text", help="JSON field / column holding the text")
     dp.add_argument("--split", default="train", help="HF dataset split")
     dp.add_argument("--hf-config", default=None, help="HF dataset configuration name")
-    dp.add_argument("--max-documents", type=int, default=None)
-    dp.add_argument("--overwrite", action="store_true")
+    dp.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
+    dp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     dd = dsub.add_parser("describe", help="summarise a prepared directory")
     dd.add_argument("path")
     d.set_defaults(fn=cmd_data)
@@ -206,11 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--set", nargs="*", metavar="key=value", help="overrides applied to every run")
     co.set_defaults(fn=cmd_compare)
 
-    b = sub.add_parser("bench", help="throughput benchmark: tokens/s and MFU per strategy")
+    b = sub.add_parser("bench", help="speed and memory per strategy: tokens/s, step time, peak memory, MFU")
     b.add_argument("--model", default="micro")
     b.add_argument("--strategies", nargs="+", default=["full", "lora", "relora", "switchlora"])
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--set", nargs="*", metavar="key=value", default=[])
+    b.add_argument("--json", action="store_true", help="print a JSON list, one object per strategy")
     b.set_defaults(fn=cmd_bench)
     return p
 
