@@ -230,14 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "fn", None):
-        parser.print_help()
-        return 0
     from trainer.errors import exit_code, message
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)  # --help prints: a closed pipe can strike here too
+        if not getattr(args, "fn", None):
+            parser.print_help()
+            return 0
         return args.fn(args) or 0
+    except BrokenPipeError:
+        # The reader left (`lrpt ... | head -1`): what is left to print has nowhere to go, and
+        # the interpreter's final flush must not fail on the closed pipe either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe
     except Exception as e:  # noqa: BLE001 - expected errors get one line, bugs their traceback
         code = exit_code(e)
         if code is None:

@@ -213,6 +213,11 @@ def test_train_writes_run_directory(trained):
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and math.isfinite(records[0]["val_loss"])
+    # What the validation loss is over: eval_batches (8) x batch_size (4) sequences, or fewer
+    # when the val split is shorter.
+    val_tokens = json.loads((work / "prepared" / "index.json").read_text())["splits"]["val"]["tokens"]
+    assert records[0]["val_sequences"] == min(8, (val_tokens - 1) // 32 // 4) * 4
+    assert records[0]["val_tokens"] == 32 * records[0]["val_sequences"]
     steps = [r for r in records if "loss" in r]
     assert steps and steps[-1]["step"] == 5 and steps[-1]["tokens"] == 640
     for key in ("step", "tokens", "loss", "lr", "tokens_per_s", "comm_bytes", "comm_bytes_total",
@@ -247,3 +252,26 @@ def test_train_on_missing_data_source_is_one_line(tmp_path):
     line = assert_one_line_error(lrpt("train", "data.source=nowhere", *TRAIN_ARGS, f"run.dir={tmp_path / 'r'}",
                                       cwd=tmp_path))
     assert "nowhere" in line and "lrpt data prepare" in line, line
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help-config"], ["data", "describe", "prepared"],
+                                  ["comm", str(ROOT / "configs/experiments/relora-130m.yaml")],
+                                  ["slurm", "submit", "--dry-run", "model.name=micro", "run.dir=r"]])
+def test_closed_pipe_is_quiet(trained, args):
+    """`lrpt ... | head -1` where head has already gone: no traceback; exit 141 (128 + SIGPIPE)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=trained["work"],
+                           env=_env(Path(os.environ["LRPT_CACHE"])), stdout=write, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert r.returncode in (0, 141) and r.stderr == "", r.stderr  # argparse swallows its own EPIPE
+
+
+def test_export_files_share_one_mode(trained, tmp_path):
+    r = lrpt("export", trained["run_dir"], tmp_path / "hf", cwd=trained["work"])
+    assert r.returncode == 0, r.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert len(set(modes.values())) == 1, modes

@@ -114,8 +114,46 @@ def test_shards_split_a_stream_that_reads_back_whole(tmp_path, prepared, docs):
 def test_tiny_corpus_still_gets_a_val_document(tmp_path):
     src = tmp_path / "t.txt"
     src.write_text("one document\n\nanother one\n\n\n\na third\n")
-    d = data.PreparedData(data.prepare([str(src)], tmp_path / "o", vocab_size=VOCAB, progress=False))
+    d = data.PreparedData(data.prepare([str(src)], tmp_path / "o", vocab_size=VOCAB, progress=False,
+                                       min_val_tokens=1))
     assert d.num_documents("train") == 2 and d.num_documents("val") == 1
+    assert ", 1 document, " in data.describe(d.path) and ", 2 documents, " in data.describe(d.path)
+
+
+VERSES = "".join(f"Verse {i}: and the word went out over the water, line by line.\n" for i in range(400))
+
+
+@pytest.mark.parametrize("unit, documents", [("paragraph", 1), ("line", 400), ("file", 2)])
+def test_document_unit(tmp_path, unit, documents):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text(VERSES)
+    (tmp_path / "src" / "b.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n")
+    out = data.prepare([str(tmp_path / "src" / "a.txt")] + ([str(tmp_path / "src" / "b.txt")] if unit == "file" else []),
+                       tmp_path / "o", vocab_size=VOCAB, progress=False, unit=unit, val_fraction=0)
+    d = data.PreparedData(out)
+    assert d.num_documents("train") == documents
+    if unit == "line":
+        assert split_documents(d, "train")[:2] == VERSES.splitlines()[:2]
+
+
+def test_validation_split_is_topped_up_or_refused(tmp_path):
+    """One verse per line: as paragraphs it is one document, and no split can be made; as lines,
+    val takes whole verses from the end until it holds one evaluation batch of tokens."""
+    src = tmp_path / "verses.txt"
+    src.write_text(VERSES)
+    with pytest.raises(data.DataError, match=r"too little text for a validation split: .* gives 1 document\(s\).*"
+                                             r"2,049 tokens .*--unit line"):
+        data.prepare([str(src)], tmp_path / "o1", vocab_size=VOCAB, progress=False)
+    assert not (tmp_path / "o1").exists()
+    d = data.PreparedData(data.prepare([str(src)], tmp_path / "o2", vocab_size=VOCAB, progress=False, unit="line"))
+    assert d.num_tokens("val") >= data.prepare.__kwdefaults__["min_val_tokens"] == 16 * 128 + 1
+    assert d.num_documents("train") > d.num_documents("val") > 1
+    # The hash's own picks plus documents from the end: still whole verses, none lost or repeated.
+    got = sorted(split_documents(d, "train") + split_documents(d, "val"))
+    assert got == sorted(VERSES.splitlines())
+    with pytest.raises(data.DataError, match="needs 100,000 tokens"):
+        data.prepare([str(src)], tmp_path / "o3", vocab_size=VOCAB, progress=False, unit="line",
+                     min_val_tokens=100_000)
 
 
 def test_clear_errors(tmp_path, prepared):
@@ -130,16 +168,17 @@ def test_clear_errors(tmp_path, prepared):
     fails("empty corpus", [str(tmp_path / "blank.txt")], tmp_path / "o3")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"other": 1}\n')
     fails("bad.jsonl:2: no string field 'text'", [str(tmp_path / "bad.jsonl")], tmp_path / "o4")
-    (tmp_path / "ok.txt").write_text("some text\n")
+    (tmp_path / "ok.txt").write_text("some text\n\nmore text\n")
     fails("tokenizer file .* not found", [str(tmp_path / "ok.txt")], tmp_path / "o5",
           tokenizer_path=str(tmp_path / "nope.json"))
     fails("exists and is not empty.*overwrite=True", [str(tmp_path / "ok.txt")], prepared)
     # Nothing half-built is left behind by any of the failures above.
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
-    out = data.prepare([str(tmp_path / "ok.txt")], tmp_path / "o6", vocab_size=VOCAB, progress=False)
+    out = data.prepare([str(tmp_path / "ok.txt")], tmp_path / "o6", vocab_size=VOCAB, progress=False,
+                       min_val_tokens=1)
     data.prepare([str(tmp_path / "ok.txt"), str(tmp_path / "ok.txt")], out, vocab_size=VOCAB, overwrite=True,
-                 progress=False)
-    assert data.PreparedData(out).num_documents("train") + data.PreparedData(out).num_documents("val") == 2
+                 progress=False, min_val_tokens=1)
+    assert data.PreparedData(out).num_documents("train") + data.PreparedData(out).num_documents("val") == 4
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["o6"]
 
 

@@ -78,6 +78,8 @@ def export_hf(path: str | Path, out_dir: str | Path, *, data_dir: str | Path | N
     tensors = {_to_hf_name(k): v.detach().float().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.args, data.eos_id if data else None), indent=2))
+    # safetensors writes through a private temp file (0600); the others follow the umask.
+    shutil.copymode(out / "config.json", out / "model.safetensors")
     if data is not None:
         shutil.copyfile(data.path / data.index["tokenizer"], out / "tokenizer.json")
         eos = data.index["eos_token"]

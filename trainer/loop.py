@@ -294,7 +294,9 @@ class Trainer:
         window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
         self.comm.pop()  # start-up broadcasts are not training traffic
         if st.step == 0:
-            self.log({"step": 0, "tokens": 0, **self.evaluate(), "world_size": self.world})
+            val_sequences = int(_all_reduce_sum([sum(len(x) for x, _ in self.val_batches)], acc.device)[0])
+            self.log({"step": 0, "tokens": 0, **self.evaluate(), "world_size": self.world,
+                      "val_sequences": val_sequences, "val_tokens": val_sequences * cfg.data.seq_len})
 
         while st.step < cfg.train.max_steps:
             t0 = time.perf_counter()

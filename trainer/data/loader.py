@@ -119,7 +119,8 @@ def describe(path: str | Path) -> str:
              f"  tokenizer: {d.index['tokenizer']} (vocab {d.vocab_size}, "
              f"eos {d.index['eos_token']!r} = {d.eos_id}), tokens stored as {d.dtype.name}"]
     for split, s in d.index["splits"].items():
-        lines.append(f"  {split}: {s['tokens']:,} tokens, {s['documents']:,} documents, "
+        docs = "1 document" if s["documents"] == 1 else f"{s['documents']:,} documents"
+        lines.append(f"  {split}: {s['tokens']:,} tokens, {docs}, "
                      f"{len(s['shards'])} shard(s)")
     if d.minimal_pairs_path:
         with open(d.minimal_pairs_path) as f:

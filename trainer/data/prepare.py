@@ -7,8 +7,8 @@ A prepared dataset is a directory:
                         followed by EOS, and a document may continue into the next shard
     minimal_pairs.jsonl (embedded corpus only) BLiMP-format pairs for evaluation
 
-Sources for `prepare`: a `.txt` file (one document per paragraph: paragraphs are separated by
-blank lines), a `.jsonl` file (one JSON object per line, text in `text_field`), a `.parquet`
+Sources for `prepare`: a `.txt` file (one document per paragraph, lines up to a blank line;
+or per line, or per file: `unit`), a `.jsonl` file (one JSON object per line, text in `text_field`), a `.parquet`
 file (column `text_field`, read through `datasets`), a directory (every such file under it,
 in sorted order), or anything else: a Hugging Face dataset name for `datasets.load_dataset`.
 
@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -35,6 +36,10 @@ EOS_CANDIDATES = (EOS, "</s>", "<|end_of_text|>", "<eos>")  # accepted in a user
 SPLITS = ("train", "val")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 TOKENIZER_MAX_CHARS = 1 << 30  # BPE is trained on at most the first ~1 GB of text: plenty, and bounded
+UNITS = ("paragraph", "line", "file")  # what one document of a .txt file is
+# One evaluation batch at the default data.batch_size (16) x data.seq_len (128), plus the
+# shifted target: less, and training stops at its first evaluation.
+MIN_VAL_TOKENS = 16 * 128 + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,13 +69,18 @@ def _resolve_sources(sources: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _read_txt(path: str) -> Iterator[str]:
+def _read_txt(path: str, unit: str = "paragraph") -> Iterator[str]:
     lines: list[str] = []
     with open(path, encoding="utf-8") as f:
+        if unit == "file":
+            yield f.read()
+            return
         for line in f:
             if line.strip():
                 lines.append(line.rstrip("\r\n"))
-            elif lines:
+                if unit == "paragraph":
+                    continue
+            if lines:
                 yield "\n".join(lines)
                 lines = []
     if lines:
@@ -113,12 +123,12 @@ def _read_datasets(kind: str, name: str, field: str, split: str, config: str | N
 
 
 def _documents(sources: list[tuple[str, str]], text_field: str, hf_split: str, hf_config: str | None,
-               streaming: bool | None, max_documents: int | None) -> Iterator[str]:
+               streaming: bool | None, max_documents: int | None, unit: str = "paragraph") -> Iterator[str]:
     """Non-empty documents from all sources in order, at most `max_documents`."""
     n = 0
     for kind, name in sources:
         if kind == "txt":
-            docs = _read_txt(name)
+            docs = _read_txt(name, unit)
         elif kind == "jsonl":
             docs = _read_jsonl(name, text_field)
         else:
@@ -207,7 +217,7 @@ class _ShardWriter:
 
 def _write_dataset(dst: Path, documents: Callable[[], Iterator[str]], *, source: str,
                    tokenizer_path: str | None, vocab_size: int, val_fraction: float, seed: int,
-                   shard_tokens: int, progress: bool) -> dict:
+                   shard_tokens: int, progress: bool, min_val_tokens: int = 1) -> dict:
     """Tokenize `documents()` (called once or twice: it must replay the same documents) into
     shards under `dst`; write tokenizer.json and index.json last. Returns the index."""
     from tqdm import tqdm
@@ -239,9 +249,10 @@ def _write_dataset(dst: Path, documents: Callable[[], Iterator[str]], *, source:
     writers = {s: _ShardWriter(dst, s, dtype, shard_tokens) for s in SPLITS}
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # fast: skips offsets
 
-    # The newest train document is held back one step: if no document hashed into val (a tiny
-    # corpus), the last one goes there, so val is never empty when val_fraction > 0.
-    held: np.ndarray | None = None
+    # The newest train documents (about min_val_tokens of them) are held back: if the hash gave
+    # val too few tokens for one evaluation (a small corpus), they top it up at the end.
+    held: deque[np.ndarray] = deque()
+    held_tokens = 0
     index = 0
     bar = tqdm(total=total, unit="doc", desc="tokenizing", disable=not progress, mininterval=0.5)
     chunk: list[str] = []
@@ -259,19 +270,31 @@ def _write_dataset(dst: Path, documents: Callable[[], Iterator[str]], *, source:
             if _is_val(index, seed, val_fraction):
                 writers["val"].write(ids)
             else:
-                if held is not None:
-                    writers["train"].write(held)
-                held = ids
+                held.append(ids)
+                held_tokens += len(ids)
+                while held_tokens - len(held[0]) >= min_val_tokens:
+                    held_tokens -= len(held[0])
+                    writers["train"].write(held.popleft())
             index += 1
         bar.update(len(chunk))
     bar.close()
-    if held is not None:
-        empty_val = val_fraction > 0 and not writers["val"].documents and writers["train"].documents
-        writers["val" if empty_val else "train"].write(held)
+    val_tokens = sum(s["tokens"] for s in writers["val"].shards)
+    keep = 0 if writers["train"].documents else 1  # never the last training document
+    while val_fraction > 0 and val_tokens < min_val_tokens and len(held) > keep:
+        val_tokens += len(held[-1])
+        writers["val"].write(held.pop())
+    for ids in held:
+        writers["train"].write(ids)
     for w in writers.values():
         w.close()
     if not writers["train"].documents:
         raise DataError(f"empty corpus: no training documents in {source}")
+    if val_fraction > 0 and val_tokens < min_val_tokens:
+        docs = writers["train"].documents + writers["val"].documents
+        raise DataError(f"too little text for a validation split: {source} gives {docs} document(s), and "
+                        f"validation needs {min_val_tokens:,} tokens (one evaluation batch) on top of at least "
+                        f"one training document; add text, split .txt files finer (--unit line), or lower "
+                        f"--min-val-tokens")
     meta = {
         "format": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
         "eos_id": eos_id, "eos_token": eos_token, "tokenizer": "tokenizer.json", "source": source,
@@ -290,13 +313,17 @@ def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | No
             vocab_size: int = 8192, val_fraction: float = 0.005, text_field: str = "text",
             hf_split: str = "train", hf_config: str | None = None, streaming: bool | None = None,
             max_documents: int | None = None, seed: int = 0, shard_tokens: int = 2**24,
-            overwrite: bool = False, progress: bool = True) -> Path:
+            overwrite: bool = False, progress: bool = True, unit: str = "paragraph",
+            min_val_tokens: int = MIN_VAL_TOKENS) -> Path:
     """Tokenize `sources` (see the module docstring for the kinds) into a prepared directory.
 
     tokenizer_path: a tokenizer.json to use as is (copied; `vocab_size` is then ignored); else a
     byte-level BPE of `vocab_size` is trained on the documents (the first ~1 GB of text).
     val_fraction: the share of whole documents held out as "val", chosen by a hash of (seed,
-    document index); a tiny corpus whose hash picks none still gets its last document there.
+    document index). If that gives val fewer than `min_val_tokens` tokens, the last training
+    documents move there; a corpus too small for that is refused (DataError), never left with
+    an empty or useless val split. unit: what one document of a .txt file is: a "paragraph"
+    (lines up to a blank line), a "line", or the whole "file".
     text_field: the JSON field / column holding the text. hf_split, hf_config, streaming: passed
     to `datasets.load_dataset` (streaming=None streams). max_documents: stop after this many.
     shard_tokens: tokens per shard file. overwrite: replace an existing non-empty `out_dir`.
@@ -308,6 +335,8 @@ def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | No
                         f"(pass overwrite=True, or --overwrite to `lrpt data prepare`, to replace it)")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction}: expected 0 <= val_fraction < 1")
+    if unit not in UNITS:
+        raise DataError(f"unit={unit!r}: expected one of {', '.join(UNITS)}")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens={shard_tokens}: expected >= 1")
     resolved = _resolve_sources(sources)
@@ -316,9 +345,11 @@ def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | No
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_dataset(tmp, lambda: _documents(resolved, text_field, hf_split, hf_config, streaming, max_documents),
+        _write_dataset(tmp, lambda: _documents(resolved, text_field, hf_split, hf_config, streaming, max_documents,
+                                               unit),
                        source=source, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                       val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, progress=progress)
+                       val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, progress=progress,
+                       min_val_tokens=min_val_tokens)
         old = None
         if out.exists():
             if _is_nonempty_dir(out):
