@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ CURVES = [
     ("loss.png", "Loss (solid: train, dashed: validation)", "tokens", [("loss", "-"), ("val_loss", "--")],
      "cross-entropy", False),
     ("val_ppl.png", "Validation perplexity", "tokens", [("val_ppl", "-")], "perplexity", True),
-    ("lr.png", "Learning rate", "step", [("lr", "-")], "learning rate", False),
+    ("lr.png", "Learning rate (every step, as the config schedules it)", "step", [("lr", "-")], "learning rate", False),
     ("comm_bytes.png", "Cumulative communication (this rank)", "step", [("comm_bytes_total", "-")], "bytes", False),
     ("tokens_per_s.png", "Throughput", "step", [("tokens_per_s", "-")], "tokens/s", False),
 ]
@@ -40,6 +41,29 @@ class Run:
     label: str
     records: list[dict]
     dynamics: list[dict] = field(default_factory=list)
+    lr: tuple[list, list] | None = None  # the schedule of every step, from the config
+
+
+def lr_schedule(config_path: str | Path) -> tuple[list[int], list[float]]:
+    """(steps, lr) for every optimizer step 1..max_steps as the run's strategy sets it, from
+    its config.yaml. Logged records sample the LR every log_every steps, which turns ReLoRA's
+    drops to 0 after each merge into shallow dips at the wrong steps. Step s (1-based, as in
+    metrics.jsonl) trains at lr_multiplier(s - 1)."""
+    from trainer.config import load_config
+    from trainer.strategies import build_strategy
+
+    with warnings.catch_warnings():  # training already showed the config's warnings
+        warnings.simplefilter("ignore")
+        cfg = load_config(config_path)
+    strategy = build_strategy(cfg.strategy, cfg.train.seed)
+    steps = range(cfg.train.max_steps)
+    return ([s + 1 for s in steps],
+            [cfg.optimizer.lr * strategy.lr_multiplier(s, cfg.schedule, cfg.train.max_steps) for s in steps])
+
+
+def merge_tokens(records: list[dict]) -> list:
+    """Token counts at which the run merged its adapters into the weights (ReLoRA restarts)."""
+    return sorted({r["tokens"] for r in records if r.get("event") == "merge" and _finite(r.get("tokens"))})
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -53,7 +77,12 @@ def load_run(run_dir: str | Path) -> Run:
     records = rd.read_metrics()
     # In-loop dynamics first (every interval); the offline analysis (checkpoints) otherwise.
     dynamics = [r for r in records if any(k.startswith("dyn/") for k in r)] or rd.read_dynamics()
-    return Run(rd.path.name, label, records, dynamics)
+    try:
+        lr = lr_schedule(rd.config)
+    except Exception as e:  # noqa: BLE001 - an old or foreign config: plot the logged LR instead
+        log.info("plots: %s: LR from the logged records (%s)", rd.path.name, e)
+        lr = None
+    return Run(rd.path.name, label, records, dynamics, lr)
 
 
 def _finite(v) -> bool:
@@ -82,16 +111,22 @@ def _curve(runs: list[Run], spec, out_dir: Path) -> Path | None:
     name, title, x, ys, ylabel, logy = spec
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    drawn = False
+    drawn = merged = False
     for i, run in enumerate(runs):
         labelled = False
         for y, style in ys:
-            xs, vs = series(run.records, x, y)
+            xs, vs = run.lr if y == "lr" and run.lr else series(run.records, x, y)
             if xs:
                 ax.plot(xs, vs, style, color=f"C{i % 10}", label=None if labelled else run.label)
                 labelled = drawn = True
+        if name == "loss.png":
+            for t in merge_tokens(run.records):
+                ax.axvline(t, color=f"C{i % 10}", ls=":", lw=0.8, alpha=0.7)
+                merged = True
     if not drawn:
         return None
+    if merged:
+        title += "; dotted verticals: merges"
     ax.set(title=title, xlabel=x, ylabel=ylabel)
     if logy:
         ax.set_yscale("log")

@@ -62,3 +62,31 @@ def test_series_keeps_the_last_record_of_a_repeated_step():
                {"step": 2, "tokens": 20, "loss": 1.5}, {"step": 3, "val_ppl": 9.0}, {"step": 3, "tokens": 30}]
     assert series(records, "tokens", "loss") == ([10, 20], [3.0, 1.5])
     assert series(records, "tokens", "val_ppl") == ([30], [9.0])  # tokens found from another record
+
+
+def test_lr_schedule_shows_relora_restarts_at_their_steps(tmp_path):
+    """The LR of every step from the config: zero right after each merge (steps 51, 101, 151
+    with reset_every=50), which records logged every 10 steps would miss."""
+    from reports.plots import lr_schedule
+
+    cfg = {"strategy": {"name": "relora", "reset_every": 50, "restart_warmup": 5},
+           "train": {"max_steps": 200}, "schedule": {"warmup_steps": 10}, "optimizer": {"lr": 1e-3}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    steps, lrs = lr_schedule(tmp_path / "config.yaml")
+    assert steps == list(range(1, 201))
+    assert [s for s, lr in zip(steps, lrs) if lr == 0] == [51, 101, 151]
+    assert lrs[10 - 1] == 1e-3 and 0 < lrs[52 - 1] < lrs[56 - 1]  # peak after warmup; re-warmup after a restart
+    cfg["strategy"] = {"name": "full"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert min(lr_schedule(tmp_path / "config.yaml")[1]) > 0
+
+
+def test_merges_are_marked_on_the_loss_plot(tmp_path):
+    from reports.plots import load_run, merge_tokens
+
+    run = write_run(tmp_path / "relora-run", "relora")
+    with open(run / "metrics.jsonl", "a") as f:  # after the cut-off line, as a resumed run appends
+        f.write('\n{"step": 50, "tokens": 102400, "loss": 2.0, "event": "merge"}\n')
+    assert merge_tokens(load_run(run).records) == [102400]
+    assert load_run(run).lr[0][-1] == 300  # the default max_steps: the schedule, not the records
+    assert (tmp_path / "plots" / "loss.png") in plot_runs([run], tmp_path / "plots")
