@@ -32,8 +32,21 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; nothing was saved over the last good checkpoint."""
 
 
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (held by another run, changed settings, no
+    usable checkpoint): refused before anything in it was touched."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only); the previous one stays latest."""
+
+
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written."""
+
+
+class StartupStopped(Preempted):
+    """A preemption signal arrived before training began: nothing to save, requeue me."""
 
 
 def exit_code(exc: BaseException) -> int | None:
@@ -41,9 +54,9 @@ def exit_code(exc: BaseException) -> int | None:
     the traceback through)."""
     if isinstance(exc, Preempted):
         return EXIT_PREEMPTED
-    if isinstance(exc, (ConfigError, DataError, DistributedError, FileNotFoundError)):
+    if isinstance(exc, (ConfigError, DataError, DistributedError, RunDirError, FileNotFoundError)):
         return EXIT_USAGE
-    if isinstance(exc, (NonFiniteLoss, ConsistencyError)):
+    if isinstance(exc, (NonFiniteLoss, ConsistencyError, CheckpointError)):
         return EXIT_FAILED
     return None
 
