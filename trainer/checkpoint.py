@@ -3,22 +3,33 @@
 A checkpoint is written into `.tmp-step_N/`, each file's sha256 recorded in `meta.json` (written
 last), then renamed to `step_N/`; `latest` is updated after the rename. Loading verifies every
 checksum; a folder that fails falls back to the previous complete one with a warning, so a
-crash or a truncated file costs at most one checkpoint interval.
+crash or a truncated file costs at most one checkpoint interval. A write that fails (disk
+full, read-only) removes its temporary folder and raises CheckpointError: `latest` still
+names the previous checkpoint.
+
+Test-only: LRPT_TEST_PAUSE=<point>[@step] makes the writer stop at a named point (see
+`_pause`) and wait there to be killed, so the fault tests can kill -9 at an exact moment.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from trainer.errors import CheckpointError
+
 META = "meta.json"
 LATEST = "latest"
+_STEP_NAME = re.compile(r"step_\d+")
 
 
 def step_dir_name(step: int) -> str:
@@ -40,28 +51,98 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _pause(point: str, step: int, ckpt_root: Path) -> None:
+    """Test-only: stop here and wait to be killed when LRPT_TEST_PAUSE names this point."""
+    want = os.environ.get("LRPT_TEST_PAUSE")
+    if not want:
+        return
+    name, _, at = want.partition("@")
+    if name == point and (not at or int(at) == step):
+        (ckpt_root / ".paused").write_text(f"{point}@{step}\n")
+        while True:
+            time.sleep(1)
+
+
+class _Counter:
+    """A file that only counts what torch.save writes to it."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, b) -> int:
+        self.n += len(b)
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+def _size(obj) -> int:
+    counter = _Counter()
+    torch.save(obj, counter)
+    return counter.n
+
+
 def save(ckpt_root: Path, step: int, payload: dict[str, object], keep: int) -> Path:
     """Write `payload` ({file name: object for torch.save}) as checkpoint `step`; keep the
-    newest `keep` complete checkpoints. Call on one rank only."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    newest `keep` complete checkpoints. Call on one rank only. Raises CheckpointError (one
+    line) when the disk is full or not writable, with `latest` left as it was."""
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    checksums = {}
-    for name, obj in payload.items():
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        _fsync_write(tmp / name, buf.getvalue())
-        checksums[name] = _sha256(tmp / name)
-    _fsync_write(tmp / META, json.dumps({"step": step, "sha256": checksums}, indent=1).encode())
-    if final.exists():  # a re-save of the same step (e.g. after a preemption at a save step)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_write(ckpt_root / f".{LATEST}.tmp", final.name.encode())
-    os.replace(ckpt_root / f".{LATEST}.tmp", ckpt_root / LATEST)
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        checksums = {}
+        for i, (name, obj) in enumerate(payload.items()):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            _fsync_write(tmp / name, buf.getvalue())
+            checksums[name] = _sha256(tmp / name)
+            if i == 0:
+                _pause("mid_write", step, ckpt_root)
+        # Last: a folder with meta.json is complete, and only complete folders are renamed.
+        _fsync_write(tmp / META, json.dumps({"step": step, "sha256": checksums}, indent=1).encode())
+        _pause("before_rename", step, ckpt_root)
+        if final.exists():  # a re-save of the same step (e.g. after a preemption at a save step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _pause("before_latest", step, ckpt_root)
+        _fsync_write(ckpt_root / f".{LATEST}.tmp", final.name.encode())
+        os.replace(ckpt_root / f".{LATEST}.tmp", ckpt_root / LATEST)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failure(e, ckpt_root, step, payload)) from None
     _prune(ckpt_root, keep)
     return final
+
+
+def _write_failure(e: OSError, ckpt_root: Path, step: int, payload: dict) -> str:
+    latest = find_latest(ckpt_root) if ckpt_root.is_dir() else None
+    kept = f"the latest checkpoint is still {latest.name}" if latest else "no earlier checkpoint exists"
+    if e.errno == errno.ENOSPC:
+        need = sum(_size(obj) for obj in payload.values())
+        free = shutil.disk_usage(ckpt_root).free
+        return (f"no space left on the device of {ckpt_root} for checkpoint step {step}: it needs "
+                f"{need / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free; {kept}. Free space (or "
+                f"lower checkpoint.keep), then resume")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write checkpoint step {step} into {ckpt_root}: {e.strerror} (read-only?); {kept}. "
+                f"Make it writable, then resume")
+    return f"checkpoint step {step} could not be written to {ckpt_root}: {e.strerror or e}; {kept}"
+
+
+def check_writable(ckpt_root: Path) -> None:
+    """Refuse at start-up, not after the first checkpoint interval, when checkpoints cannot
+    be written (root may write through a chmod, so try rather than ask os.access)."""
+    probe = ckpt_root / f".probe-{os.getpid()}"
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints into {ckpt_root}: {e.strerror} (read-only?); make it "
+                              f"writable or choose another run.dir") from None
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
@@ -83,9 +164,11 @@ def verify(folder: Path) -> str | None:
     if not meta_path.is_file():
         return "no meta.json (the save never finished)"
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_path.read_bytes())
+    except ValueError as e:  # not JSON, or not even text (a flipped byte)
         return f"meta.json unreadable: {e}"
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict):
+        return "meta.json has no checksums"
     for name, digest in meta["sha256"].items():
         path = folder / name
         if not path.is_file():
@@ -98,18 +181,37 @@ def verify(folder: Path) -> str | None:
 def find_latest(ckpt_root: Path) -> Path | None:
     """The newest checkpoint that verifies, warning about each newer one that does not."""
     candidates = list_checkpoints(ckpt_root)
-    pointer = ckpt_root / LATEST
-    if pointer.is_file():
-        named = ckpt_root / pointer.read_text().strip()
-        # The pointer is a hint; a newer complete folder (pointer write lost in a crash) wins.
-        if named.is_dir() and named not in candidates:
-            candidates.append(named)
+    named = _pointer(ckpt_root)
+    # The pointer is a hint; a newer complete folder (pointer write lost in a crash) wins.
+    if named is not None and named.is_dir() and named not in candidates:
+        candidates.append(named)
     for folder in sorted(candidates, reverse=True):
         problem = verify(folder)
         if problem is None:
             return folder
         warnings.warn(f"checkpoint {folder} is unusable ({problem}); falling back to the previous one")
     return None
+
+
+def _pointer(ckpt_root: Path) -> Path | None:
+    """The folder `latest` names; None, with a warning, if it holds anything but a folder name
+    (random bytes must not block every retry: the folders are scanned anyway)."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes()[:64].decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if not _STEP_NAME.fullmatch(name):
+        warnings.warn(f"{pointer} does not name a checkpoint folder; ignoring it and scanning the folders")
+        return None
+    return ckpt_root / name
+
+
+def unusable(ckpt_root: Path) -> list[str]:
+    """'step_N: why' for each checkpoint folder that does not verify."""
+    return [f"{d.name}: {why}" for d in list_checkpoints(ckpt_root) if (why := verify(d)) is not None]
 
 
 def load(folder: Path, name: str, map_location="cpu"):
