@@ -1,5 +1,5 @@
 """`lrpt compare`: train several configs at one token budget, one after another, then write a
-Markdown table and plots. Each run lives in OUT/<name>/ and resumes from its own checkpoints,
+Markdown table and plots (or only tabulate run directories that exist already). Each run lives in OUT/<name>/ and resumes from its own checkpoints,
 so an interrupted comparison picked up again only trains what did not finish.
 
 A sweep file (configs/experiments/compare-*.yaml) names the runs:
@@ -21,7 +21,7 @@ import yaml
 
 from reports.compare import comparison_table
 from reports.plots import plot_runs
-from trainer.config import _deep_merge, _read_yaml, load_config, save_config
+from trainer.config import ConfigError, _deep_merge, _read_yaml, load_config, save_config
 from trainer.rundir import RunDir
 
 
@@ -49,7 +49,17 @@ def _finished(run_dir: Path, max_steps: int) -> bool:
 
 
 def compare(configs: list[str], out: str, overrides: list[str] = ()) -> Path:
+    """Train `configs` (or a sweep file) into OUT, then tabulate; or, when every argument is
+    an existing run directory, only tabulate those."""
     out_dir = Path(out).resolve()
+    runs_given = [RunDir(c).is_run() for c in configs]
+    if all(runs_given):
+        if overrides:
+            raise ConfigError("--set applies to runs that compare trains; these run directories are trained already")
+        return tabulate([Path(c).resolve() for c in configs], out_dir)
+    if any(runs_given):
+        raise ConfigError(f"give run directories or configs, not both (run directories: "
+                         f"{', '.join(c for c, r in zip(configs, runs_given) if r)})")
     (out_dir / "configs").mkdir(parents=True, exist_ok=True)
     runs = _runs_from(configs)
     budgets = {}
@@ -72,9 +82,15 @@ def compare(configs: list[str], out: str, overrides: list[str] = ()) -> Path:
         if code != 0:
             raise SystemExit(f"[{name}] training failed with exit code {code}; run `lrpt compare` again to resume")
 
-    table = comparison_table([out_dir / name for name in runs])
+    return tabulate([out_dir / name for name in runs], out_dir)
+
+
+def tabulate(run_dirs: list[Path], out_dir: Path) -> Path:
+    """OUT/comparison.md and OUT/plots/ from finished (or partly finished) run directories."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(run_dirs)
     (out_dir / "comparison.md").write_text(table + "\n")
     print(table)
-    plots = plot_runs([out_dir / name for name in runs], out_dir / "plots")
+    plots = plot_runs(run_dirs, out_dir / "plots")
     print(f"table: {out_dir / 'comparison.md'}; {len(plots)} plots in {out_dir / 'plots'}")
     return out_dir
