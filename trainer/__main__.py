@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -13,8 +15,34 @@ def split_config_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, list(argv)
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C
+
+
+def _stop_during_startup(signum, frame):
+    from trainer.errors import StartupStopped
+    raise StartupStopped(f"stopped by {signal.Signals(signum).name} during start-up, before the first step: "
+                         f"nothing to save; run the same command to start again")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from trainer.errors import EXIT_PREEMPTED, exit_code, message
+    # Until the loop installs its own handlers, a preemption signal means "nothing done yet":
+    # one line and the requeue code, not a traceback from somewhere inside an import.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            previous[sig] = signal.signal(sig, _stop_during_startup)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted: stopped at once; resume from the last checkpoint with the same command", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    from trainer.errors import EXIT_PREEMPTED, StartupStopped, exit_code, message
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -27,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(e)
         if code is None:
             raise
-        if code != EXIT_PREEMPTED:  # a preemption has already said what it did
+        if code != EXIT_PREEMPTED or isinstance(e, StartupStopped):  # a preemption has already said what it did
             print(message(e), file=sys.stderr)
         return code
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 import typing
 import warnings
 from dataclasses import dataclass, field, fields
@@ -171,7 +172,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected section.key=value")
         key, raw = item.split("=", 1)
-        keys |= apply_dict(cfg, _nest(key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {_yaml_problem(e)}") from None
+        keys |= apply_dict(cfg, _nest(key.strip(), value))
     cfg.set_keys = frozenset(keys)
     return cfg.validate()
 
@@ -179,7 +184,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a YAML file?") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     merged: dict = {}
@@ -188,6 +198,14 @@ def _read_yaml(path: Path) -> dict:
         _deep_merge(merged, _read_yaml((path.parent / inc).resolve()))
     _deep_merge(merged, data)
     return merged
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: what' (1-based, as editors count) from a YAML parser error."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"malformed YAML at {where}{what}"
 
 
 def _deep_merge(dst: dict, src: dict) -> None:
@@ -349,4 +367,41 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # Through a rename: a kill mid-write must not leave the run with half a config.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming with other settings
+
+# Keys a resume may change: when and how long to train, what to log and keep, how ranks talk,
+# and stateless step-size knobs. Every other key defines the run (model, strategy, data,
+# batch geometry, seed, Adam's betas and eps, sync mode): changing it mixes two runs.
+RESUMABLE = ("run.", "train.max_steps", "train.stop_at", "train.device", "train.precision", "logging.",
+             "checkpoint.", "distributed.timeout_s", "distributed.guard_every", "distributed.deepspeed",
+             "optimizer.lr", "optimizer.grad_clip", "optimizer.weight_decay", "schedule.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_differences(old: Config, new: Config) -> tuple[dict, dict]:
+    """({key: (old, new)} that define the run and may not change on resume, {key: (old, new)}
+    that may), run.* left out."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    refused, allowed = {}, {}
+    for key in sorted(a.keys() | b.keys()):
+        if key.startswith("run.") or a.get(key) == b.get(key):
+            continue
+        change = (a.get(key), b.get(key))
+        (allowed if key.startswith(RESUMABLE) else refused)[key] = change
+    return refused, allowed

@@ -69,9 +69,9 @@ def _resolve_sources(sources: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _read_txt(path: str, unit: str = "paragraph") -> Iterator[str]:
+def _read_txt(path: str, unit: str = "paragraph", encoding: str = "utf-8") -> Iterator[str]:
     lines: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=encoding) as f:
         if unit == "file":
             yield f.read()
             return
@@ -87,8 +87,8 @@ def _read_txt(path: str, unit: str = "paragraph") -> Iterator[str]:
         yield "\n".join(lines)
 
 
-def _read_jsonl(path: str, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+def _read_jsonl(path: str, field: str, encoding: str = "utf-8") -> Iterator[str]:
+    with open(path, encoding=encoding) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -122,15 +122,65 @@ def _read_datasets(kind: str, name: str, field: str, split: str, config: str | N
         yield row[field]
 
 
+def _undecodable(path: str, encoding: str) -> str | None:
+    """Why `path` is not text in `encoding` ("byte N: ..."), or None. Checked before any work:
+    a binary file found an hour into tokenizing would cost the hour."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder(encoding)(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            nul = chunk.find(0)
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                # e.start counts from the bytes the decoder held back plus this chunk.
+                bad = offset - len(decoder.getstate()[0]) + e.start
+                if nul < 0 or bad < offset + nul:
+                    return f"byte {bad}: not {encoding} ({e.reason})"
+            if nul >= 0:
+                return f"byte {offset + nul}: a NUL byte (a binary file?)"
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            return f"byte {offset - (e.end - e.start)}: not {encoding} (the file ends inside a character)"
+    return None
+
+
+def _check_text(sources: list[tuple[str, str]], encoding: str, skip: bool) -> tuple[list, list[str]]:
+    """(the sources to read, 'path (why)' of each skipped one) for skip=True; else refuse the
+    first file that does not decode, naming it and the byte."""
+    try:
+        import codecs
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"encoding {encoding!r}: unknown (try utf-8, latin-1, cp1252)") from None
+    keep, skipped = [], []
+    for kind, name in sources:
+        why = _undecodable(name, encoding) if kind in ("txt", "jsonl") else None
+        if why is None:
+            keep.append((kind, name))
+        elif skip:
+            skipped.append(f"{name} ({why})")
+        else:
+            raise DataError(f"{name}: {why}; pass --encoding (e.g. latin-1) if it is text in another encoding, "
+                            f"or --skip-undecodable to leave such files out")
+    if not keep:
+        raise DataError(f"no source decodes as {encoding}: {'; '.join(skipped)}")
+    return keep, skipped
+
+
 def _documents(sources: list[tuple[str, str]], text_field: str, hf_split: str, hf_config: str | None,
-               streaming: bool | None, max_documents: int | None, unit: str = "paragraph") -> Iterator[str]:
+               streaming: bool | None, max_documents: int | None, unit: str = "paragraph",
+               encoding: str = "utf-8") -> Iterator[str]:
     """Non-empty documents from all sources in order, at most `max_documents`."""
     n = 0
     for kind, name in sources:
         if kind == "txt":
-            docs = _read_txt(name, unit)
+            docs = _read_txt(name, unit, encoding)
         elif kind == "jsonl":
-            docs = _read_jsonl(name, text_field)
+            docs = _read_jsonl(name, text_field, encoding)
         else:
             docs = _read_datasets(kind, name, text_field, hf_split, hf_config, streaming)
         for doc in docs:
@@ -314,7 +364,7 @@ def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | No
             hf_split: str = "train", hf_config: str | None = None, streaming: bool | None = None,
             max_documents: int | None = None, seed: int = 0, shard_tokens: int = 2**24,
             overwrite: bool = False, progress: bool = True, unit: str = "paragraph",
-            min_val_tokens: int = MIN_VAL_TOKENS) -> Path:
+            min_val_tokens: int = MIN_VAL_TOKENS, encoding: str = "utf-8", skip_undecodable: bool = False) -> Path:
     """Tokenize `sources` (see the module docstring for the kinds) into a prepared directory.
 
     tokenizer_path: a tokenizer.json to use as is (copied; `vocab_size` is then ignored); else a
@@ -327,6 +377,8 @@ def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | No
     text_field: the JSON field / column holding the text. hf_split, hf_config, streaming: passed
     to `datasets.load_dataset` (streaming=None streams). max_documents: stop after this many.
     shard_tokens: tokens per shard file. overwrite: replace an existing non-empty `out_dir`.
+    encoding: of the .txt/.jsonl files; a file that does not decode (or holds a NUL byte) is
+    refused with its byte offset, or left out with skip_undecodable (index.json lists it).
     """
     sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
     out = Path(out_dir).expanduser()
@@ -339,17 +391,20 @@ def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | No
         raise DataError(f"unit={unit!r}: expected one of {', '.join(UNITS)}")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens={shard_tokens}: expected >= 1")
-    resolved = _resolve_sources(sources)
+    resolved, skipped = _check_text(_resolve_sources(sources), encoding, skip_undecodable)
     source = ", ".join(sources)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_dataset(tmp, lambda: _documents(resolved, text_field, hf_split, hf_config, streaming, max_documents,
-                                               unit),
-                       source=source, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
-                       val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, progress=progress,
-                       min_val_tokens=min_val_tokens)
+        meta = _write_dataset(tmp, lambda: _documents(resolved, text_field, hf_split, hf_config, streaming,
+                                                      max_documents, unit, encoding),
+                              source=source, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
+                              val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, progress=progress,
+                              min_val_tokens=min_val_tokens)
+        if skipped:  # rewritten, still last: index.json marks the directory complete
+            meta["skipped"] = skipped
+            (tmp / "index.json").write_text(json.dumps(meta, indent=1) + "\n")
         old = None
         if out.exists():
             if _is_nonempty_dir(out):
