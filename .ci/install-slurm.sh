@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs Debian's SLURM (slurmctld, slurmd, client) and munge for the local-cluster tests
-# (tests/slurm_cluster.py starts the daemons itself; nothing is enabled or started here).
+# (tests/slurm_cluster.py starts the daemons itself; nothing is enabled or started here), and
+# iproute2 (`tc`, `ip`) for the shaped-link benchmark test (`lrpt bench --link`).
 # Idempotent and quick when already installed. Needs root (CI runs as root).
 set -euo pipefail
-pkgs=(slurmctld slurmd slurm-client munge)
+pkgs=(slurmctld slurmd slurm-client munge iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,4 +1,5 @@
-"""`lrpt bench`: speed and memory per strategy for one model, each strategy in a fresh process.
+"""`lrpt bench`: speed and memory per strategy for one model, each strategy in a fresh process;
+with `--link RATE`, seconds on a real slow link.
 
 Figures: median tokens/s and step time over the steps after warm-up (the first quarter is
 dropped), peak memory (CUDA: `max_memory_allocated`; CPU: growth of the process's peak RSS
@@ -6,11 +7,21 @@ once the model is built, i.e. what training adds: gradients, optimizer state, ac
 the trainable share, and MFU: model FLOPs 6N + 12*L*d*T per token (REFERENCE.md's definition,
 so figures compare with its throughput anchors) over the device's peak dense bf16 FLOP/s,
 null on CPU.
+
+`--link RATE --nproc N` runs each strategy as an N-process gloo job inside a private network
+namespace whose loopback is rate-limited (`unshare -n`, then `tc qdisc ... tbf`): real TCP
+traffic, DDP's overlap of communication with backward included, and nothing leaves the
+namespace. Exposed communication time is the job's step time minus the same configuration's
+1-process step time. A strategy may carry overrides: `full:distributed.comm_hook=bf16`.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import resource
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,7 +66,8 @@ def worker(overrides: list[str]) -> int:
         trainer.accelerator.end_training()
     peak = torch.cuda.max_memory_allocated() if cuda else \
         max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
-    (trainer.run.path / RESULT).write_text(json.dumps({"peak_memory_bytes": int(peak)}))
+    if trainer.accelerator.is_main_process:
+        (trainer.run.path / RESULT).write_text(json.dumps({"peak_memory_bytes": int(peak)}))
     return 0
 
 
@@ -80,22 +92,125 @@ def _measure(name: str, run: RunDir, model_name: str) -> dict:
             "mfu": tps * model.flops_per_token(cfg.data.seq_len) / peak if peak else None}
 
 
+def _spec(item: str) -> tuple[str, list[str]]:
+    """`relora` or `full:distributed.comm_hook=bf16,train.seed=2` -> (strategy, overrides)."""
+    name, _, extra = item.partition(":")
+    return name, [f"strategy.name={name}", *(kv for kv in extra.split(",") if kv)]
+
+
+def _run(item: str, tmp: Path, overrides: list[str], argv_prefix=(), nproc: int = 1, env=None) -> Path:
+    """Train one bench item (a fresh process, or an N-process job) and return its run directory."""
+    from launcher.launch import child_env, compose
+
+    name, extra = _spec(item)
+    run = Path(tmp) / re.sub(r"[^\w.=-]+", "_", item) / f"n{nproc}"
+    args = [*overrides, *extra, f"run.dir={run}"]
+    if nproc == 1:
+        argv, env = [sys.executable, "-m", "launcher.bench", *args], {**os.environ, **(env or {})}
+    else:
+        argv, changes = compose(None, args, gpus_per_node=nproc, cpu=True, main_port=_free_port(),
+                                module="launcher.bench")
+        env = child_env({**changes, **(env or {})})
+    code = subprocess.call([*argv_prefix, *argv], stdout=subprocess.DEVNULL, env=env)
+    if code != 0:
+        raise RuntimeError(f"{item}: the {nproc}-process run failed (exit {code}); run it alone to see why: "
+                           f"{' '.join(map(shlex.quote, [*argv_prefix, *argv]))}")
+    return run
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TC_RATE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)bit$")
+
+
+def shaped_link(rate: str) -> list[str]:
+    """The command prefix that runs a command in a new network namespace whose loopback
+    carries `rate` (tc syntax: 100mbit, 1gbit). Checked here, with one line on failure."""
+    m = TC_RATE.match(rate.lower())
+    if not m:
+        raise ValueError(f"--link {rate!r}: expected a rate such as 100mbit, 1gbit or 500kbit")
+    for tool in ("unshare", "tc", "ip"):
+        if not shutil.which(tool):
+            raise RuntimeError(f"--link needs `{tool}` (Debian: apt-get install util-linux iproute2)")
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise PermissionError(f"--link needs root or CAP_NET_ADMIN to make a network namespace "
+                              f"(unshare -n: {probe.stderr.strip() or 'refused'})")
+    bits = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
+    burst = max(256 * 1024, int(bits / 8 / 250))  # tbf needs at least rate / HZ bytes per tick
+    setup = (f"ip link set lo up && tc qdisc add dev lo root tbf rate {rate.lower()} burst {burst} "
+             f"latency 50ms && exec \"$@\"")
+    return ["unshare", "-n", "bash", "-c", setup, "lrpt-link"]
+
+
+def _link_row(item: str, run: Path, compute_step_s: float, target: float | None, link: str, nproc: int) -> dict:
+    recs = RunDir(run).read_metrics()
+    steps = [r for r in recs if "tokens_per_s" in r]
+    timed = steps[len(steps) // 4:] or steps
+    first, last = timed[0], timed[-1]
+    span = max(1, last["step"] - first["step"])
+
+    def per_step(key: str) -> float | None:
+        vals = [r.get(key) for r in timed[1:]]
+        return sum(vals) / span if all(v is not None for v in vals) and vals else None
+
+    tokens_per_step = steps[-1]["tokens"] / steps[-1]["step"]
+    step_time = statistics.median(tokens_per_step / r["tokens_per_s"] for r in timed)
+    vals = [r for r in recs if "val_loss" in r]
+    reached = next((r for r in vals if target is not None and r["val_loss"] <= target and r["step"] > 0), None)
+    return {"strategy": item, "link": link, "world_size": nproc, "step_time_s": step_time,
+            "tokens_per_s": tokens_per_step / step_time, "comm_time_s": max(0.0, step_time - compute_step_s),
+            "compute_step_time_s": compute_step_s,
+            "payload_bytes_per_step": per_step("comm/sync_bytes") or per_step("comm_bytes"),
+            "wire_bytes_per_step": per_step("comm/sync_wire_bytes"),
+            "final_val_loss": vals[-1]["val_loss"] if vals else None,
+            "time_to_target_s": reached.get("elapsed_s") if reached else None,
+            "trainable_share": steps[-1]["trainable_params"] / steps[-1]["total_params"]}
+
+
 def bench(a) -> int:
     rows = []
+    link = getattr(a, "link", None)
+    prefix = shaped_link(link) if link else []
+    nproc = getattr(a, "nproc", 2) if link else 1
     with tempfile.TemporaryDirectory(prefix="lrpt-bench-") as tmp:
-        for name in a.strategies:
-            run = RunDir(Path(tmp) / name)
-            overrides = [f"model.name={a.model}", f"strategy.name={name}", f"train.max_steps={a.steps}",
-                         f"run.dir={run.path}", "logging.log_every=1", f"logging.eval_every={10 * a.steps}",
-                         f"checkpoint.every={10 * a.steps}", "logging.progress=false", "logging.tensorboard=false",
-                         "schedule.warmup_steps=0", *a.set]
-            code = subprocess.call([sys.executable, "-m", "launcher.bench", *overrides], stdout=subprocess.DEVNULL)
-            if code != 0:
-                print(f"{name}: failed (exit {code})", file=sys.stderr)
-                continue
-            rows.append(_measure(name, run, a.model))
+        base = [f"model.name={a.model}", f"train.max_steps={a.steps}", "logging.log_every=1",
+                f"logging.eval_every={max(1, a.steps // 10) if link else 10 * a.steps}",
+                f"checkpoint.every={10 * a.steps}", "logging.progress=false", "logging.tensorboard=false",
+                "schedule.warmup_steps=0"]
+        for item in a.strategies:
+            try:
+                if not link:
+                    run = _run(item, Path(tmp), [*base, *a.set])
+                    rows.append(_measure(_spec(item)[0] if ":" not in item else item, RunDir(run), a.model))
+                    continue
+                # One thread per process in the job, and the same for its 1-process reference.
+                threads = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // nproc))}
+                ref = _run(item, Path(tmp), [*base, *a.set, f"train.max_steps={min(a.steps, 12)}",
+                                             f"logging.eval_every={10 * a.steps}"], env=threads)
+                ref_recs = [r for r in RunDir(ref).read_metrics() if "tokens_per_s" in r]
+                ref_recs = ref_recs[len(ref_recs) // 4:]
+                compute = statistics.median(r["tokens"] / r["step"] / r["tokens_per_s"] for r in ref_recs)
+                job = _run(item, Path(tmp), [*base, *a.set], argv_prefix=prefix, nproc=nproc, env=threads)
+                rows.append(_link_row(item, job, compute, getattr(a, "target_loss", None), link, nproc))
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr)
     if getattr(a, "json", False):
         print(json.dumps(rows, indent=1))
+    elif link:
+        print(f"{'run':34s} {'step s':>8s} {'comm s':>8s} {'MB/step':>9s} {'wire MB':>8s} {'val loss':>9s} "
+              f"{'to target':>10s}  ({nproc} processes, {link})")
+        for r in rows:
+            mb = lambda v: f"{v / 1e6:9.2f}" if v is not None else f"{'-':>9s}"  # noqa: E731
+            tt = f"{r['time_to_target_s']:9.1f}s" if r["time_to_target_s"] is not None else f"{'-':>10s}"
+            vl = f"{r['final_val_loss']:9.4f}" if r["final_val_loss"] is not None else f"{'-':>9s}"
+            print(f"{r['strategy']:34s} {r['step_time_s']:8.3f} {r['comm_time_s']:8.3f} {mb(r['payload_bytes_per_step'])}"
+                  f"{mb(r['wire_bytes_per_step'])[1:]} {vl} {tt}")
     else:
         print(f"{'strategy':12s} {'tokens/s':>12s} {'step s':>9s} {'peak MiB':>9s} {'MFU':>7s} {'trainable':>10s}")
         for r in rows:
