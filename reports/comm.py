@@ -14,14 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from trainer.comm import wire_bytes
+from trainer.comm import CATEGORIES, model_bytes, wire_bytes
 from trainer.config import load_config
-from trainer.model import Transformer, model_args
-from trainer.shapes import SIZES
+from trainer.shapes import SIZES, model_args
 from trainer.rundir import RunDir
-from trainer.strategies import build_strategy
 
 
 def analytic_bytes_per_step(trainable_bytes: int, world_size: int, engine: str = "ddp", *,
@@ -63,38 +59,35 @@ def analytic_wire_bytes_per_step(trainable_bytes: int, world_size: int, engine: 
     return wire_bytes(payload, world_size, "all_gather")
 
 
-def model_bytes(cfg) -> dict:
-    """Parameter bytes for a config, counted on the meta device (no memory: works up to 7B):
-    trainable and total with the strategy applied as after any warm start, and `base_bytes`
-    of the plain model (what full-rank training syncs)."""
+def run_model_args(cfg, run_dir=None):
+    """The shape a run built: its model.json (the tokenizer's vocabulary, an init_from
+    checkpoint's shape). For a config alone, its best guess: model.vocab_size, else the
+    named size's, else the embedded corpus's."""
+    import json
+
+    from trainer.shapes import ModelArgs
+
+    if run_dir is not None and RunDir(run_dir).model_json.is_file():
+        return ModelArgs(**json.loads(RunDir(run_dir).model_json.read_text()))
     vocab = cfg.model.vocab_size or SIZES[cfg.model.name].get("vocab_size") or cfg.data.embedded_vocab
-    args = model_args(cfg.model, cfg.data.seq_len, vocab_size=vocab)
-    with torch.device("meta"):
-        model = Transformer(args)
-        base = sum(p.numel() * p.element_size() for p in model.parameters())
-        build_strategy(cfg.strategy, cfg.train.seed).apply(model, cfg.optimizer.weight_decay,
-                                                           cfg.strategy.warm_start_steps)
-    params = list(model.parameters())
-    return dict(trainable_params=sum(p.numel() for p in params if p.requires_grad),
-                total_params=sum(p.numel() for p in params),
-                trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-                total_bytes=sum(p.numel() * p.element_size() for p in params), base_bytes=base)
+    return model_args(cfg.model, cfg.data.seq_len, vocab_size=vocab)
 
 
-def analytic_from_config(cfg, world_size: int | None = None) -> dict:
-    """Analytic bytes per step for a config without any run (e.g. llama-130m, relora, r=128)."""
+def analytic_from_config(cfg, world_size: int | None = None, run_dir=None) -> dict:
+    """Analytic bytes per step for a run (its model.json) or a config alone (e.g.
+    llama-130m, relora, r=128)."""
     n = world_size or 2
-    b = model_bytes(cfg)
+    b = model_bytes(cfg, run_model_args(cfg, run_dir))
     engine = "ddp" if cfg.distributed.deepspeed == "none" else cfg.distributed.deepspeed
     kw = dict(grad_accum=cfg.train.grad_accum, total_bytes=b["total_bytes"])
+    full_kw = dict(grad_accum=cfg.train.grad_accum, total_bytes=b["base_bytes"])
     return dict(model=cfg.model.name, strategy=cfg.strategy.name, rank=cfg.strategy.rank, world_size=n,
                 engine=engine, **b,
                 analytic_bytes_per_step=analytic_bytes_per_step(b["trainable_bytes"], n, engine, **kw),
                 analytic_wire_bytes_per_step=analytic_wire_bytes_per_step(b["trainable_bytes"], n, engine, **kw),
                 # Full rank: the same model without adapters, every weight trainable.
-                full_rank_bytes_per_step=analytic_bytes_per_step(b["base_bytes"], n, engine,
-                                                                 grad_accum=cfg.train.grad_accum,
-                                                                 total_bytes=b["base_bytes"]))
+                full_rank_bytes_per_step=analytic_bytes_per_step(b["base_bytes"], n, engine, **full_kw),
+                full_rank_wire_bytes_per_step=analytic_wire_bytes_per_step(b["base_bytes"], n, engine, **full_kw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,11 +98,14 @@ def measure_run(metrics: list[dict]) -> dict:
 
     Uses the steady state: records after the last re-wrap (a ReLoRA warm start trains full
     rank first) and after the first record (its window includes start-up). Differences of
-    `comm_bytes_total` and `elapsed_s` (both carried across resumes) over the step span."""
+    `comm_bytes_total` and `elapsed_s` (both carried across resumes) over the step span;
+    wire and per-purpose bytes are sums of the records' `comm/<purpose>_*` over it.
+    `measured_startup_bytes` is every record's start-up bytes (the first, and re-wraps)."""
     recs = [r for r in metrics if "comm_bytes" in r and "step" in r]
     if not recs:
         return {}
     out = {k: recs[-1].get(k) for k in ("trainable_params", "total_params", "world_size")}
+    out["measured_startup_bytes"] = sum(r.get("comm/startup_bytes", 0) for r in recs)
     rewraps = [i for i, r in enumerate(metrics) if r.get("event") == "rewrap"]
     if rewraps:
         after = metrics[rewraps[-1]]["step"]
@@ -119,17 +115,25 @@ def measure_run(metrics: list[dict]) -> dict:
         a, b = recs[0], recs[-1]
         steps = b["step"] - a["step"]
         nbytes = b.get("comm_bytes_total", 0) - a.get("comm_bytes_total", 0)
-        secs = sum(r.get("comm_time_s") or 0.0 for r in recs[1:])
+        window = recs[1:]
         wall = (b.get("elapsed_s") or 0.0) - (a.get("elapsed_s") or 0.0)
     else:
         b = recs[0]
         steps, nbytes = b["step"], b.get("comm_bytes_total", b.get("comm_bytes", 0))
-        secs, wall = b.get("comm_time_s") or 0.0, b.get("elapsed_s") or 0.0
+        window = recs
+        wall = b.get("elapsed_s") or 0.0
     if steps <= 0:
         return out
     out["measured_bytes_per_step"] = nbytes / steps
-    out["comm_time_per_step_s"] = secs / steps
+    if all("comm/sync_wire_bytes" in r for r in window):
+        out["measured_wire_bytes_per_step"] = sum(r["comm/sync_wire_bytes"] for r in window) / steps
+        out["measured_by_purpose_per_step"] = {
+            c: {"bytes": sum(r.get(f"comm/{c}_bytes", 0) for r in window) / steps,
+                "wire_bytes": sum(r.get(f"comm/{c}_wire_bytes", 0.0) for r in window) / steps}
+            for c in CATEGORIES if c != "startup"}
+    out["comm_time_per_step_s"] = sum(r.get("comm_time_s") or 0.0 for r in window) / steps
     out["step_time_s"] = wall / steps if wall > 0 else None
+    out["guard_time_per_step_s"] = sum(r.get("guard_time_s") or 0.0 for r in window) / steps
     out["measured_steps"] = steps
     return out
 
@@ -138,11 +142,14 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
     """One dict per run directory (DESIGN.md's `lrpt comm` contract). A YAML config in
     place of a run directory gives the analytic figures only.
 
-    `saving_vs_full` compares this run's bytes per step (measured, else analytic) with a
-    full-rank run's measured bytes when `full_rank_run` is given, else with the analytic
-    full-rank figure for the same model, engine and world size. Projected times are ring
-    wire bytes (analytic for this config; measured payload equals it, see tests) divided by
-    each link bandwidth, for the run's world size and for `world_size` if given."""
+    The analytic side is computed from the model the run built (its model.json). Bytes are
+    payload (trainer/comm.py); `*_wire_bytes_per_step` are the ring-algorithm bytes a rank
+    sends. `saving_vs_full` is a payload ratio: against a full-rank run's measured sync bytes
+    when `full_rank_run` is given (this run measured too), else the analytic figures for both
+    sides, the same model with and without the strategy on the same engine and world size,
+    which is exactly 1 - trainable bytes / full-rank bytes (the wire ratio is the same).
+    Projected times are analytic wire bytes divided by each link bandwidth, for the run's
+    world size and for `world_size` if given."""
     full_measured = None
     if full_rank_run is not None:
         full_measured = measure_run(RunDir(full_rank_run).read_metrics()).get("measured_bytes_per_step")
@@ -153,19 +160,29 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
         cfg = load_config(RunDir(rd).config if is_run else rd)
         meas = measure_run(RunDir(rd).read_metrics()) if is_run else {}
         n_run = meas.get("world_size") or world_size or 2
-        ana = analytic_from_config(cfg, n_run)
+        ana = analytic_from_config(cfg, n_run, rd if is_run else None)
         measured = meas.get("measured_bytes_per_step")
-        mine = measured if measured is not None else ana["analytic_bytes_per_step"]
-        full = full_measured or ana["full_rank_bytes_per_step"]
+        if full_measured:
+            mine, full = (measured if measured is not None else ana["analytic_bytes_per_step"]), full_measured
+        else:
+            mine, full = ana["analytic_bytes_per_step"], ana["full_rank_bytes_per_step"]
         step_s, comm_s = meas.get("step_time_s"), meas.get("comm_time_per_step_s")
         row = dict(run=str(rd), strategy=cfg.strategy.name, model=cfg.model.name, rank=cfg.strategy.rank,
                    engine=ana["engine"], world_size=n_run, grad_accum=cfg.train.grad_accum,
                    trainable_params=meas.get("trainable_params") or ana["trainable_params"],
                    total_params=meas.get("total_params") or ana["total_params"],
+                   trainable_bytes=ana["trainable_bytes"], full_rank_bytes=ana["base_bytes"],
                    measured_bytes_per_step=measured, analytic_bytes_per_step=ana["analytic_bytes_per_step"],
-                   full_rank_bytes_per_step=full, saving_vs_full=(1 - mine / full) if full else None,
+                   measured_wire_bytes_per_step=meas.get("measured_wire_bytes_per_step"),
+                   analytic_wire_bytes_per_step=ana["analytic_wire_bytes_per_step"],
+                   full_rank_bytes_per_step=full_measured or ana["full_rank_bytes_per_step"],
+                   full_rank_wire_bytes_per_step=ana["full_rank_wire_bytes_per_step"],
+                   saving_vs_full=(1 - mine / full) if full else None,
                    saving_basis="measured full-rank run" if full_measured else "analytic full-rank",
+                   measured_by_purpose_per_step=meas.get("measured_by_purpose_per_step"),
+                   measured_startup_bytes=meas.get("measured_startup_bytes"),
                    comm_time_per_step_s=comm_s, step_time_s=step_s,
+                   guard_time_per_step_s=meas.get("guard_time_per_step_s"),
                    comm_share_of_step=(comm_s / step_s) if comm_s is not None and step_s else None,
                    projected_comm_s={})
         for n in dict.fromkeys([n_run] + ([world_size] if world_size else [])):
@@ -186,9 +203,14 @@ def _human_bytes(v: float) -> str:
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table of comm_report rows (bytes are per rank per optimizer step)."""
     cols = [("run", "run"), ("strategy", "strategy"), ("engine", "engine"), ("world_size", "n"),
-            ("measured_bytes_per_step", "measured/step"), ("analytic_bytes_per_step", "analytic/step"),
+            ("measured_bytes_per_step", "sync/step"), ("analytic_bytes_per_step", "analytic"),
+            ("measured_wire_bytes_per_step", "sync wire"), ("analytic_wire_bytes_per_step", "analytic wire"),
+            ("edit_bytes_per_step", "edit/step"), ("control_bytes_per_step", "control/step"),
+            ("measured_startup_bytes", "startup"),
             ("full_rank_bytes_per_step", "full-rank/step"), ("saving_vs_full", "saving"),
             ("comm_share_of_step", "comm share")]
+    rows = [dict(r, **{f"{c}_bytes_per_step": (r.get("measured_by_purpose_per_step") or {}).get(c, {}).get("bytes")
+                       for c in ("edit", "control")}) for r in rows]
     proj = list(dict.fromkeys((n, bw) for r in rows for n, d in r["projected_comm_s"].items() for bw in d))
     header = [h for _, h in cols] + [f"{bw.replace('gbit', 'G')}@{n}" for n, bw in proj]
 
@@ -198,7 +220,7 @@ def format_table(rows: list[dict]) -> str:
             return "-"
         if key in ("saving_vs_full", "comm_share_of_step"):
             return f"{100 * v + 0.0:.1f}%" if abs(v) >= 5e-4 else "0.0%"
-        if key.endswith("bytes_per_step"):
+        if key.endswith(("bytes_per_step", "_bytes")):
             return _human_bytes(v)
         if key == "run":
             return Path(str(v)).name or str(v)
@@ -212,6 +234,7 @@ def format_table(rows: list[dict]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if proj:
         lines.append("ms: projected ring wire time per optimizer step at <link Gbit/s>@n<ranks>")
+    lines.append("bytes per rank per optimizer step; payload unless 'wire' (ring algorithm); saving: payload")
     return "\n".join(lines)
 
 

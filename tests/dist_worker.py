@@ -83,7 +83,7 @@ class Worker:
         ops_before = comm.CommMeter.by_op()
         for m in range(cfg.train.grad_accum):
             x, y = batch(cfg, self.rank, self.step, m)
-            before = comm.LEDGER.totals("step")[0]
+            before = comm.LEDGER.totals("sync")[0]
             with acc.accumulate(self.model):
                 loss = self.model(x.to(acc.device), y.to(acc.device))
                 acc.backward(loss)
@@ -91,7 +91,7 @@ class Worker:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.optimizer.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            per_micro.append(comm.LEDGER.totals("step")[0] - before)
+            per_micro.append(comm.LEDGER.totals("sync")[0] - before)
             losses.append(loss.detach().float().item())
         self.step += 1
         t = torch.tensor([sum(losses) / len(losses)], dtype=torch.float64)
@@ -99,9 +99,9 @@ class Worker:
             dist.all_reduce(t)
         ops_after = comm.CommMeter.by_op()
         by_op = {op: ops_after[op]["bytes"] - ops_before.get(op, {}).get("bytes", 0) for op in ops_after}
-        nbytes, secs, calls = self.meter.pop()
-        return {"loss": t.item() / self.world, "micro_bytes": per_micro, "bytes": nbytes, "calls": calls,
-                "seconds": secs, "by_op": {k: v for k, v in by_op.items() if v}}
+        sync = self.meter.pop()["sync"]
+        return {"loss": t.item() / self.world, "micro_bytes": per_micro, "bytes": sync["bytes"],
+                "calls": sync["calls"], "seconds": sync["seconds"], "by_op": {k: v for k, v in by_op.items() if v}}
 
     # -- phases ------------------------------------------------------------------------------
     def phase_train(self):

@@ -63,30 +63,94 @@ def test_ddp_hook_counts_exactly_the_trainable_bytes(one_process_group):
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     model[0].weight.requires_grad_(False)  # frozen, as a low-rank strategy's W
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    comm.instrument_torch()  # the hook's own dist.all_reduce must not be counted twice
     with comm.phase("startup"), comm.count_ddp_broadcasts():
         ddp = nn.parallel.DistributedDataParallel(model)
     ddp.register_comm_hook(None, comm.ddp_comm_hook)
     meter = comm.CommMeter()
-    meter.pop()
+    assert meter.pop()["startup"]["bytes"] >= sum(p.numel() * 4 for p in model.parameters())
     x = torch.randn(4, 16)
     with ddp.no_sync():  # an accumulation micro-batch: nothing crosses the network
         ddp(x).sum().backward()
-    assert meter.pop()[0] == 0
+    assert meter.pop()["sync"]["bytes"] == 0
     ddp(x).sum().backward()
-    nbytes, seconds, calls = meter.pop()
-    assert nbytes == trainable and calls >= 1 and seconds >= 0
+    sync = meter.pop()["sync"]
+    assert sync["bytes"] == trainable and sync["calls"] >= 1 and sync["seconds"] >= 0
     ddp(x).sum().backward()
-    assert meter.pop()[0] == trainable
+    popped = meter.pop()
+    assert popped["sync"]["bytes"] == trainable
+    assert popped["control"]["bytes"] == popped["edit"]["bytes"] == 0
+
+
+def test_plain_collectives_are_counted_by_purpose(one_process_group):
+    """The loop's own torch.distributed calls (object gathers and broadcasts included, as
+    the tensor collectives they issue) land in the current purpose, `control` by default."""
+    comm.instrument_torch()
+    meter = comm.CommMeter()
+    meter.pop()
+    dist.all_reduce(torch.zeros(3, dtype=torch.float64))
+    out = [None]
+    dist.all_gather_object(out, {"rng": 1})
+    box = ["run-dir"]
+    dist.broadcast_object_list(box, src=0)
+    with comm.phase("edit"):
+        dist.all_reduce(torch.zeros(1, dtype=torch.int64))
+    popped = meter.pop()
+    control = comm.CommMeter.by_op("control")
+    assert control["all_reduce"]["bytes"] >= 24 and control["all_gather"]["calls"] >= 2
+    assert control["broadcast"]["calls"] >= 2 and popped["control"]["bytes"] > 24 + 16
+    assert popped["edit"]["bytes"] == 8 and popped["sync"]["bytes"] == 0
+    assert comm.record_fields(popped)["comm/edit_bytes"] == 8
+    assert "comm/startup_bytes" not in comm.record_fields(popped)
+
+
+def test_kth_smallest_of_a_partitioned_tensor_is_torch_kthvalue(one_process_group):
+    from trainer.engine import Part
+
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(40, 8, generator=g) * torch.logspace(-8, 2, 8)).abs()
+    t[3, 3] = 0.0
+    for k in (1, 7, 100, 320):
+        whole = Part(t.shape, 0, t.numel()).kth_smallest(t, k)
+        split = Part(t.shape, 0, t.numel(), partitioned=True).kth_smallest(t.flatten(), k)
+        assert whole.item() == split.item() == t.flatten().kthvalue(k).values.item()
 
 
 def test_meter_pop_is_per_process():
     m1 = comm.CommMeter()
     m1.pop()
-    comm.LEDGER.add("step", "all_reduce", 100, seconds=0.5, world_size=2)
-    comm.LEDGER.add("edit", "all_reduce", 7)  # engine reads: not training traffic
+    comm.LEDGER.add("sync", "all_reduce", 100, seconds=0.5, world_size=2)
+    comm.LEDGER.add("edit", "all_reduce", 7, world_size=2)
     m2 = comm.CommMeter()  # e.g. built after a re-wrap: continues where m1 stopped
-    assert m2.pop() == (100, 0.5, 1)
-    assert m1.pop() == (0, 0.0, 0)
+    popped = m2.pop()
+    assert popped["sync"] == dict(bytes=100, wire_bytes=100.0, seconds=0.5, calls=1)
+    assert popped["edit"]["bytes"] == 7 and popped["edit"]["wire_bytes"] == 7.0
+    assert all(row["bytes"] == 0 for row in m1.pop().values())
+
+
+def test_lrpt_comm_models_the_shape_the_run_built(tmp_path):
+    """A named size on a corpus with another vocabulary: the analytic side comes from the
+    run's model.json, and without --full the saving is 1 - trainable / full-rank bytes of
+    that model exactly."""
+    from dataclasses import asdict
+
+    from trainer.model import Transformer, model_args
+    from trainer.strategies import build_strategy
+
+    over = ["model.name=pico-tiny", "strategy.name=relora", "strategy.rank=16"]
+    run = _fake_run(tmp_path, "relora", over, _records(1000, 0.0, 0.1))
+    cfg = load_config(None, over)
+    args = model_args(cfg.model, cfg.data.seq_len, vocab_size=929)
+    (run / "model.json").write_text(json.dumps(asdict(args)))
+    model = Transformer(args)
+    full = sum(p.numel() * 4 for p in model.parameters())
+    build_strategy(cfg.strategy, 0).apply(model, 0.0, cfg.strategy.warm_start_steps)
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    (row,) = report.comm_report([run])
+    assert row["trainable_bytes"] == trainable and row["full_rank_bytes"] == full
+    assert row["analytic_bytes_per_step"] == trainable and row["full_rank_bytes_per_step"] == full
+    assert abs(row["saving_vs_full"] - (1 - trainable / full)) < 1e-9
+    assert row["world_size"] == 4 and row["analytic_wire_bytes_per_step"] == 1.5 * trainable  # 2 (n-1)/n T
 
 
 def _fake_run(root, name, overrides, records):

@@ -48,26 +48,40 @@ RELORA_MERGES, RELORA_REWRAP = [5, 8], 2
 # ~3.4 switches per layer per side after step 1, ~1.2 after step 8 (rank 4, ratio 1).
 SWITCH = ["strategy.name=switchlora", "strategy.rank=4", "strategy.switch_interval0=1",
           "strategy.switch_ratio=1", "strategy.freeze_steps=2", "train.max_steps=8", "train.grad_accum=2",
-          "optimizer.lr=3e-3"]
+          "optimizer.lr=3e-3", "distributed.guard_every=4"]
+SWITCH_CHECKS = [4, 8]  # guard_every, not after each switch
 FULL = ["strategy.name=full", "train.max_steps=3"]
 
 
 # ---------------------------------------------------------------------------------------------
 # The probe (runs inside each launched process)
 
+PURPOSES = ("sync", "edit", "control", "startup")
+
+
 def _probe_main(argv: list[str]) -> int:
     """`python -m tests.test_dist_strategies CONFIG? key=value ...`: trainer.__main__.main with
-    collectives recorded per optimizer step into $LRPT_PROBE_DIR/rank<R>.json."""
+    collectives recorded into $LRPT_PROBE_DIR/rank<R>.json: per optimizer step, which ran at
+    which micro-batch with how many bytes; per purpose, payload and ring wire bytes between
+    successive CommMeter.pop() calls, beside what the meter itself returned.
+
+    The probe attributes by its own rules, from where the loop is: inside build_accelerator
+    or prepare: startup; inside Trainer._train_step: sync; inside a strategy's after_step:
+    edit; anywhere else: control."""
     import torch
     import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from trainer import loop
+    from trainer import comm, loop
     from trainer.data import BatchLoader
+    from trainer.strategies import STRATEGIES
 
-    lock = threading.Lock()
-    cur = {"rec": None, "micro": -1}
-    out = {"steps": [], "checks": []}
+    lock, local = threading.Lock(), threading.local()
+    cur = {"rec": None, "micro": -1, "purpose": ["control"]}
+    out = {"steps": [], "checks": [], "pops": []}
+    totals = {p: [0, 0.0] for p in PURPOSES}  # payload, wire
+    popped_at = {p: [0, 0.0] for p in PURPOSES}
 
     def nbytes(x) -> int:
         if torch.is_tensor(x):
@@ -76,8 +90,17 @@ def _probe_main(argv: list[str]) -> int:
             return sum(nbytes(t) for t in x)
         return 0
 
+    def wire(op: str, n: int) -> float:
+        world = dist.get_world_size()
+        return n * 2 * (world - 1) / world if op in ("all_reduce", "ddp_bucket") else n * (world - 1) / world
+
     def note(op: str, n: int) -> None:
+        if getattr(local, "in_hook", False):
+            return  # the DDP bucket's own all-reduce: noted as the bucket
         with lock:
+            purpose = cur["purpose"][-1]
+            totals[purpose][0] += int(n)
+            totals[purpose][1] += wire(op, n)
             if cur["rec"] is not None:
                 cur["rec"]["ops"].append([cur["micro"], op, int(n)])
 
@@ -94,16 +117,37 @@ def _probe_main(argv: list[str]) -> int:
         return wrapper
 
     for op, (name, pos) in payload.items():
-        if hasattr(dist, op):  # before DeepSpeed's backend captures function objects
-            setattr(dist, op, wrap(op, getattr(dist, op), name, pos))
+        # Before DeepSpeed's backend captures function objects; c10d's module globals too,
+        # which its object collectives (all_gather_object, broadcast_object_list) call.
+        if hasattr(dist, op):
+            fn = getattr(dist, op)
+            wrapped = wrap(op, fn, name, pos)
+            setattr(dist, op, wrapped)
+            if getattr(c10d, op, None) is fn:
+                setattr(c10d, op, wrapped)
     hook = default_hooks.allreduce_hook
 
     def counted_hook(state, bucket):
         buf = bucket.buffer()
         note("ddp_bucket", buf.numel() * buf.element_size())
-        return hook(state, bucket)
+        local.in_hook = True
+        try:
+            return hook(state, bucket)
+        finally:
+            local.in_hook = False
 
     default_hooks.allreduce_hook = counted_hook  # trainer/comm.py looks it up at each call
+
+    def within(purpose, fn):
+        def wrapper(*args, **kwargs):
+            with lock:
+                cur["purpose"].append(purpose)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    cur["purpose"].pop()
+        return wrapper
 
     train_step, next_batch, check = loop.Trainer._train_step, BatchLoader.next_batch, loop.check_consistency
 
@@ -126,8 +170,27 @@ def _probe_main(argv: list[str]) -> int:
         check(engine, step)  # raises ConsistencyError on any difference
         out["checks"].append(step)
 
+    pop = comm.CommMeter.pop
+
+    def probed_pop(self):
+        popped = pop(self)
+        with lock:
+            mine = {p: {"bytes": totals[p][0] - popped_at[p][0], "wire_bytes": totals[p][1] - popped_at[p][1]}
+                    for p in PURPOSES}
+            for p in PURPOSES:
+                popped_at[p] = list(totals[p])
+        out["pops"].append({"probe": mine, "meter": popped})
+        return popped
+
     loop.Trainer._train_step, BatchLoader.next_batch, loop.check_consistency = (
-        probed_train_step, probed_next_batch, probed_check)
+        within("sync", probed_train_step), probed_next_batch, probed_check)
+    loop.build_accelerator, loop.prepare = within("startup", loop.build_accelerator), within("startup", loop.prepare)
+    comm.CommMeter.pop = probed_pop
+    for spec in STRATEGIES.values():
+        module, cls = spec.split(":")
+        klass = getattr(__import__(module, fromlist=[cls]), cls)
+        if "after_step" in vars(klass):
+            klass.after_step = within("edit", klass.after_step)
     try:
         from trainer.__main__ import main
         return main(argv)
@@ -248,18 +311,10 @@ def param_bytes(run: Run, step: int) -> dict:
 
 
 def step_ops(run: Run, rank: int, step: int) -> list[list]:
-    """[micro-batch, op, bytes] of the collectives issued during optimizer step `step`;
-    DDP's bucket hook and the all-reduce it issues are one collective (kept as the hook)."""
+    """[micro-batch, op, bytes] of the collectives issued during optimizer step `step` (a DDP
+    bucket is noted once, as `ddp_bucket`)."""
     (rec,) = [s for s in run.probes[rank]["steps"] if s["step"] == step]
-    ops, pending = [], 0
-    for micro, op, n in rec["ops"]:
-        if op == "ddp_bucket":
-            pending += 1
-        elif op == "all_reduce" and pending:
-            pending -= 1
-            continue
-        ops.append([micro, op, n])
-    return ops
+    return [list(op) for op in rec["ops"]]
 
 
 def by_op(ops) -> dict[str, int]:
@@ -355,7 +410,7 @@ def test_ddp_switchlora_sends_the_trainable_bytes_once_per_step(ddp_switch):
     switches = [s for s, e in ddp_switch.events() if e == "switch"]
     assert switches == list(range(1, 9))  # vectors switched after every step
     for rank in (0, 1):
-        assert ddp_switch.probes[rank]["checks"] == switches
+        assert ddp_switch.probes[rank]["checks"] == SWITCH_CHECKS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +503,7 @@ def test_zero1_switchlora_matches_ddp_through_switches_and_freezes(zero1_switch,
         for z, d in ((za, da), (zb, db)):
             assert z["slots"] == d["slots"] and z["free"] == d["free"] and z["frozen_until"] == d["frozen_until"]
     for rank in (0, 1):
-        assert zero1_switch.probes[rank]["checks"] == list(range(1, 9))
+        assert zero1_switch.probes[rank]["checks"] == SWITCH_CHECKS
 
 
 def test_zero1_bytes_follow_the_algorithm(zero1_switch):
@@ -456,6 +511,172 @@ def test_zero1_bytes_follow_the_algorithm(zero1_switch):
     # grad_accum 2: ZeRO-1 still reduces once per step (2T in all), ZeRO-2 would send 3T.
     assert_zero_steps(zero1_switch, range(1, 9), b["trainable"], b["groups"], "zero1", 2)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The communication matrix: engine x strategy x data. The five runs above (embedded corpus)
+# and four more cover every engine x strategy cell once; these four train on a prepared
+# corpus with another vocabulary or start from a Hugging Face checkpoint whose vocabulary
+# is not the tokenizer's, so the analytic side must come from the shape the run built.
+#
+#    engine  full               relora              switchlora
+#    DDP     ddp-full (emb)     ddp-relora (emb)    ddp-switchlora (emb)
+#    ZeRO-1  zero1-full (prep)  zero1-relora (hf)   zero1-switchlora (emb)
+#    ZeRO-2  zero2-full (hf)    zero2-relora (emb)  zero2-switchlora (prep)
+
+RELORA_SHORT = ["strategy.name=relora", "strategy.rank=4", "strategy.reset_every=2", "strategy.restart_warmup=1",
+                "strategy.warm_start_steps=0", "train.max_steps=4", "train.grad_accum=2", "optimizer.lr=2e-3"]
+SWITCH_SHORT = SWITCH[:5] + ["train.max_steps=4", "train.grad_accum=2", "optimizer.lr=3e-3",
+                             "distributed.guard_every=2"]
+EVAL = ["logging.eval_batches=3"]  # rank 0 evaluates 2 batches, rank 1 one: token-weighted sums
+
+
+@pytest.fixture(scope="module")
+def prepared_corpus(tmp_path_factory):
+    """A corpus of made-up words: its BPE vocabulary is neither the embedded corpus's nor 1024."""
+    import random
+
+    from trainer.data import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("aeioubdgklmnprstvz") for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    text = "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(1500))
+    (root / "made-up.txt").write_text(text)
+    return prepare([str(root / "made-up.txt")], root / "prepared", vocab_size=420, val_fraction=0.1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A small Llama in Hugging Face format with 320 tokens (the embedded tokenizer has 300)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    path = tmp_path_factory.mktemp("hf")
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def zero1_full(tmp_path_factory, lrpt_cache, prepared_corpus):
+    return launch(tmp_path_factory.mktemp("dist"), "zero1-full", "zero1",
+                  FULL + EVAL + [f"data.source={prepared_corpus}"], lrpt_cache)
+
+
+@pytest.fixture(scope="module")
+def zero2_full(tmp_path_factory, lrpt_cache, hf_checkpoint):
+    return launch(tmp_path_factory.mktemp("dist"), "zero2-full", "zero2",
+                  FULL + EVAL + ["train.grad_accum=2", f"model.init_from={hf_checkpoint}"], lrpt_cache)
+
+
+@pytest.fixture(scope="module")
+def zero1_relora(tmp_path_factory, lrpt_cache, hf_checkpoint):
+    return launch(tmp_path_factory.mktemp("dist"), "zero1-relora", "zero1",
+                  RELORA_SHORT + EVAL + [f"model.init_from={hf_checkpoint}"], lrpt_cache)
+
+
+@pytest.fixture(scope="module")
+def zero2_switch(tmp_path_factory, lrpt_cache, prepared_corpus):
+    return launch(tmp_path_factory.mktemp("dist"), "zero2-switchlora", "zero2",
+                  SWITCH_SHORT + EVAL + [f"data.source={prepared_corpus}"], lrpt_cache)
+
+
+def assert_counted_by_purpose(run: Run):
+    """The probe (torch.distributed and DDP's hook, attributed by where the loop is) and the
+    run's own meter agree on every pop, in every purpose, on both ranks; rank 0's records
+    carry exactly what its meter popped; start-up appears in the first record only (and
+    after a re-wrap)."""
+    for rank in (0, 1):
+        pops = run.probes[rank]["pops"]
+        assert pops, rank
+        for i, pop in enumerate(pops):
+            for purpose in PURPOSES:
+                probe, meter = pop["probe"][purpose], pop["meter"][purpose]
+                assert probe["bytes"] == meter["bytes"], (run.dir.name, rank, i, purpose, probe, meter)
+                assert probe["wire_bytes"] == pytest.approx(meter["wire_bytes"], rel=1e-9, abs=1e-9)
+    recs = [r for r in run.records() if "comm_bytes" in r]
+    pops = run.probes[0]["pops"]
+    assert len(recs) == len(pops)
+    rewraps = {r["step"] for r in run.records() if r.get("event") == "rewrap"}
+    for i, (rec, pop) in enumerate(zip(recs, pops)):
+        m = pop["meter"]
+        assert rec["comm_bytes"] == m["sync"]["bytes"]
+        for purpose in ("sync", "edit", "control"):
+            assert rec[f"comm/{purpose}_bytes"] == m[purpose]["bytes"]
+            assert rec[f"comm/{purpose}_wire_bytes"] == pytest.approx(m[purpose]["wire_bytes"])
+        assert rec["comm/control_bytes"] >= 24  # the loss / stop-flag all-reduce, every step
+        startup = i == 0 or rec["step"] - 1 in rewraps
+        assert ("comm/startup_bytes" in rec) == startup, (i, rec)
+        assert "guard_time_s" in rec
+
+
+def assert_edit_bytes(run: Run, engine: str, strategy: str):
+    """Switches move nothing under any engine; ReLoRA's merges move only the counts of the
+    magnitude-pruning bisection under ZeRO (31 all-reduces of 8 bytes per adapter tensor at
+    most), and nothing under DDP."""
+    recs = [r for r in run.records() if "comm_bytes" in r]
+    n_tensors = 2 * len(param_bytes(run, 10**6)["strategy"].adapters) if strategy != "full" else 0
+    for r in recs:
+        merged = r.get("event") == "merge"
+        if engine != "ddp" and strategy == "relora" and merged:
+            assert 0 < r["comm/edit_bytes"] <= 31 * 8 * n_tensors, r
+        else:
+            assert r["comm/edit_bytes"] == 0, r
+
+
+def test_communication_matrix(ddp_full, ddp_relora, ddp_switch, zero1_full, zero1_relora, zero1_switch,
+                              zero2_full, zero2_relora, zero2_switch, tmp_path):
+    """Every engine x strategy cell, every data variant: measured payload and wire bytes per
+    step are the analytic figures (0.5%: ZeRO adds a 4-byte clipping norm per flat group);
+    the independent probe agrees with the run's figures in every purpose; without --full the
+    saving is 1 - trainable / full-rank bytes of the model the run built (its model.json)."""
+    cells = {("ddp", "full"): ddp_full, ("ddp", "relora"): ddp_relora, ("ddp", "switchlora"): ddp_switch,
+             ("zero1", "full"): zero1_full, ("zero1", "relora"): zero1_relora, ("zero1", "switchlora"): zero1_switch,
+             ("zero2", "full"): zero2_full, ("zero2", "relora"): zero2_relora, ("zero2", "switchlora"): zero2_switch}
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "comm", *(str(r.dir) for r in cells.values()),
+                          "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = dict(zip(cells, json.loads(out.stdout)))
+    vocabs = set()
+    for (engine, strategy), run in cells.items():
+        row = rows[engine, strategy]
+        assert (row["engine"], row["strategy"], row["world_size"]) == (engine, strategy, 2)
+        for kind in ("", "wire_"):
+            measured, analytic = row[f"measured_{kind}bytes_per_step"], row[f"analytic_{kind}bytes_per_step"]
+            assert measured == pytest.approx(analytic, rel=5e-3), (engine, strategy, kind, measured, analytic)
+        b = param_bytes(run, 10**6)  # after any warm start, from the run's model.json
+        assert row["trainable_bytes"] == b["trainable"] and row["full_rank_bytes"] == b["base"]
+        assert abs(row["saving_vs_full"] - (1 - b["trainable"] / b["base"])) < 1e-9, (engine, strategy, row)
+        assert set(row["measured_by_purpose_per_step"]) == {"sync", "edit", "control"}
+        assert row["measured_startup_bytes"] > 0
+        assert_counted_by_purpose(run)
+        assert_edit_bytes(run, engine, strategy)
+        vocabs.add(json.loads((run.dir / "model.json").read_text())["vocab_size"])
+    assert len(vocabs) == 3, vocabs  # embedded (300), prepared, the HF checkpoint's (320)
+    table = subprocess.run([sys.executable, "-m", "launcher.cli", "comm", *(str(r.dir) for r in cells.values())],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    print(table.stdout)
+    assert "sync wire" in table.stdout and "edit/step" in table.stdout
+
+
+@pytest.mark.parametrize("which", ["zero1_full", "zero2_full"])
+def test_validation_loss_is_the_same_at_any_world_size_and_in_lrpt_eval(which, request):
+    """The final record's validation loss (2 ranks, each its share of the fixed sequences) is
+    what `lrpt eval` computes in one process on the same weights (the final checkpoint)."""
+    run = request.getfixturevalue(which)
+    last = run.steps()[max(run.steps())]
+    out = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", str(run.dir), "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["step"] == last["step"]
+    assert abs(result["val_loss"] - last["val_loss"]) < 1e-6, (result["val_loss"], last["val_loss"])
 
 
 if __name__ == "__main__":

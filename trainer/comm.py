@@ -1,21 +1,28 @@
-"""Communication accounting: what this rank puts into gradient and parameter collectives,
-counted where the collectives are issued. Torch only: the engine set-up imports it. The
-analytic model and the `lrpt comm` report that compare against these counts are reports/comm.py.
+"""Communication accounting: every collective this process issues, counted where it is issued
+and attributed to a purpose. Torch only: the engine set-up imports it. The analytic model and
+the `lrpt comm` report that compare against these counts are reports/comm.py.
 
 Definitions (used by every number this module produces):
 - payload bytes of one collective = the bytes of the full logical tensor entering it:
   all-reduce/reduce/broadcast: the tensor; reduce-scatter: the full input (not the shard);
   all-gather: the full gathered output (not the shard). For a DDP bucket that is
-  `bucket.buffer().numel() * element_size()`. Payload is what the metrics call `comm_bytes`.
+  `bucket.buffer().numel() * element_size()`. Sync payload is what the metrics call `comm_bytes`.
 - wire bytes = what one rank sends on the network under bandwidth-optimal ring algorithms
   over n ranks: all-reduce 2(n-1)/n x payload (a reduce-scatter then an all-gather), and
   (n-1)/n x payload for reduce-scatter, all-gather, reduce and broadcast. Projected times
   are wire bytes / link bandwidth.
 
-Collectives are attributed to a category by what the process is doing when they are issued:
-`step` (training; the only one `pop()` reports), `startup` (DDP's initial broadcast, the
-DeepSpeed engine's, and again at every rewrap), `edit` (DeepSpeed's gathers behind engine
-reads of fp32 masters and optimizer state), `check` (cross-rank weight checksums).
+Purposes (CATEGORIES), by what the process is doing when a collective is issued:
+- `sync`: gradient and parameter synchronisation (DDP's bucket all-reduces, ZeRO's reductions,
+  shard all-gathers and clipping-norm all-reduce, inside the DeepSpeed engine's backward/step);
+- `edit`: strategy edits of weights and optimizer state (merges, switches);
+- `control`: everything else the loop does to keep ranks in step: the per-step loss/stop
+  all-reduce, validation sums, rank checksums, rank-0 object broadcasts and gathers, and the
+  checkpoint gathers of DeepSpeed's partitioned masters. It is the default purpose;
+- `startup`: process-group set-up and (re-)wrapping: DDP's and DeepSpeed's initial broadcasts.
+Three counters see every collective: the DDP comm hook, wrappers on DeepSpeed's backend and
+wrappers on torch.distributed's functions; a collective issued by one counted function inside
+another is counted once, by the outermost.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from collections import defaultdict
 
 import torch
 
+CATEGORIES = ("sync", "edit", "control", "startup")
 ALLREDUCE_OPS = {"all_reduce", "all_reduce_coalesced", "inference_all_reduce"}
 
 
@@ -43,23 +51,30 @@ def wire_bytes(payload: float, world_size: int, collective: str = "all_reduce") 
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-process ledger. One process group per process, so one ledger: the DDP hook and the
-# DeepSpeed wrappers write to it, any number of CommMeters read it.
+# The per-process ledger. One process group per process, so one ledger: the counters write to
+# it, any number of CommMeters read it.
 
 class _Ledger:
     def __init__(self):
         self.lock = threading.Lock()
         # category -> op -> [payload bytes, wire bytes, seconds, calls]
         self.data: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0, 0.0, 0]))
-        self.phase = ["step"]
-        self.world_size = 1
-        self.popped = None  # step totals at the last CommMeter.pop(), shared by all meters
+        self.phase = ["control"]
+        self.world_size = 0  # 0: not known yet, ask the process group
+        self.popped: dict[str, tuple] = {}  # totals at the last CommMeter.pop(), shared by all meters
+
+    def world(self) -> int:
+        if self.world_size:
+            return self.world_size
+        import torch.distributed as dist
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def add(self, category: str, op: str, payload: int, seconds: float = 0.0, calls: int = 1, world_size=None):
+        wire = wire_bytes(payload, world_size or self.world(), op)
         with self.lock:
             row = self.data[category][op]
             row[0] += int(payload)
-            row[1] += wire_bytes(payload, world_size or self.world_size, op)
+            row[1] += wire
             row[2] += seconds
             row[3] += calls
 
@@ -68,6 +83,7 @@ class _Ledger:
             self.data[category][op][2] += seconds
 
     def totals(self, category: str) -> tuple[int, float, float, int]:
+        """(payload bytes, wire bytes, seconds, calls) since process start."""
         with self.lock:
             rows = list(self.data[category].values())
         return (int(sum(r[0] for r in rows)), sum(r[1] for r in rows), sum(r[2] for r in rows),
@@ -75,11 +91,14 @@ class _Ledger:
 
 
 LEDGER = _Ledger()
+_local = threading.local()  # .depth > 0 inside a counted collective: nested ones are its own
 
 
 @contextlib.contextmanager
 def phase(category: str):
     """Attribute collectives issued inside the block to `category`."""
+    if category not in CATEGORIES:
+        raise ValueError(f"comm category {category!r}: expected one of {CATEGORIES}")
     LEDGER.phase.append(category)
     try:
         yield
@@ -95,25 +114,34 @@ def set_world_size(n: int) -> None:
     LEDGER.world_size = int(n)
 
 
+@contextlib.contextmanager
+def _outermost():
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
 # ---------------------------------------------------------------------------------------------
 # DDP: a comm hook around the default all-reduce hook.
 
 def ddp_comm_hook(state, bucket):
-    """Count `bucket.buffer()` (the exact gradient payload of this bucket) and time the
-    all-reduce from issue to completion of its future."""
+    """Count `bucket.buffer()` (the exact gradient payload of this bucket) as `sync` and time
+    the all-reduce from issue to completion of its future."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     buf = bucket.buffer()
     nbytes = buf.numel() * buf.element_size()
-    category = current_phase()
-    LEDGER.add(category, "all_reduce", nbytes, calls=1)
+    LEDGER.add("sync", "all_reduce", nbytes, calls=1)
     t0 = time.perf_counter()
-    fut = default_hooks.allreduce_hook(state, bucket)
+    with _outermost():  # the hook's own dist.all_reduce is this collective
+        fut = default_hooks.allreduce_hook(state, bucket)
 
     def done(f):
         # Runs when the collective completes (gloo: on its worker thread). The time overlaps
         # backward compute: it is the collective's in-flight time, not exposed time.
-        LEDGER.add_time(category, "all_reduce", time.perf_counter() - t0)
+        LEDGER.add_time("sync", "all_reduce", time.perf_counter() - t0)
         return f.value()
 
     return fut.then(done)
@@ -122,7 +150,7 @@ def ddp_comm_hook(state, bucket):
 @contextlib.contextmanager
 def count_ddp_broadcasts():
     """DDP's constructor broadcasts every parameter and buffer from rank 0 through
-    `dist._broadcast_coalesced`; count those as start-up bytes."""
+    `dist._broadcast_coalesced`; count those in the current phase (start-up)."""
     import torch.distributed as dist
 
     original = dist._broadcast_coalesced
@@ -142,22 +170,22 @@ def count_ddp_broadcasts():
 
 
 # ---------------------------------------------------------------------------------------------
-# DeepSpeed: wrap the methods of its communication backend object (`deepspeed.comm.comm.cdb`).
-# Every deepspeed.comm collective (ZeRO's gradient reduction, its all-gather of updated
-# parameters, the engine's start-up broadcast, the fp32-master gathers) goes through it, and
-# the DDP path never does. Cheaper than DeepSpeed's comms logger, which synchronises the
-# device after every op and whose log_summary() must then be called on every rank.
+# Counting wrappers for DeepSpeed's communication backend object (`deepspeed.comm.comm.cdb`:
+# every deepspeed.comm collective goes through it) and for torch.distributed's functions (the
+# loop's own collectives, validation, checksums, object broadcasts and gathers). Cheaper than
+# DeepSpeed's comms logger, which synchronises the device after every op and whose
+# log_summary() must then be called on every rank.
 
-def _sum_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+def _nbytes(x) -> int:
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
 
 
-def _tensor_bytes(t) -> int:
-    return t.numel() * t.element_size() if torch.is_tensor(t) else 0
-
-
-# op -> (argument name, position after self, "sum" for lists) of the tensor(s) whose bytes
-# are the payload. By name and position because DeepSpeed's decorators hide the signatures.
+# op -> (argument name, position) of the tensor(s) whose bytes are the payload. By name and
+# position because DeepSpeed's decorators hide the signatures.
 _DS_PAYLOAD = {
     "all_reduce": ("tensor", 0), "inference_all_reduce": ("tensor", 0),
     "all_reduce_coalesced": ("tensors", 0), "reduce": ("tensor", 0),
@@ -167,14 +195,36 @@ _DS_PAYLOAD = {
     "all_gather_coalesced": ("output_tensors", 0), "all_to_all_single": ("input", 1),
     "send": ("tensor", 0), "isend": ("tensor", 0),
 }
-_local = threading.local()
+_TORCH_PAYLOAD = {
+    "all_reduce": ("tensor", 0), "reduce": ("tensor", 0), "broadcast": ("tensor", 0),
+    "all_gather": ("tensor_list", 0), "all_gather_into_tensor": ("output_tensor", 0),
+    "reduce_scatter": ("input_list", 1), "reduce_scatter_tensor": ("input", 1),
+    "all_to_all_single": ("input", 1), "send": ("tensor", 0), "isend": ("tensor", 0),
+}
 
 
-def _payload(args, kwargs, name, pos) -> int:
-    x = kwargs.get(name, args[pos] if len(args) > pos else None)
-    if isinstance(x, (list, tuple)):
-        return _sum_bytes(x)
-    return _tensor_bytes(x)
+def _counted(op, method, name, pos):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if getattr(_local, "depth", 0):
+            return method(*args, **kwargs)
+        x = kwargs.get(name, args[pos] if len(args) > pos else None)
+        nbytes, category = _nbytes(x), current_phase()
+        t0 = time.perf_counter()
+        with _outermost():
+            work = method(*args, **kwargs)
+        LEDGER.add(category, op, nbytes)
+        if work is not None and hasattr(work, "get_future") and kwargs.get("async_op"):
+            try:
+                work.get_future().then(lambda f: LEDGER.add_time(category, op, time.perf_counter() - t0))
+            except RuntimeError:  # some work objects have no future
+                LEDGER.add_time(category, op, time.perf_counter() - t0)
+        else:
+            LEDGER.add_time(category, op, time.perf_counter() - t0)
+        return work
+
+    wrapper._lrpt_counted = True
+    return wrapper
 
 
 def instrument_deepspeed() -> bool:
@@ -190,71 +240,96 @@ def instrument_deepspeed() -> bool:
         return True
     for op, (name, pos) in _DS_PAYLOAD.items():
         method = getattr(cdb, op, None)
-        if method is None:
-            continue
-        setattr(cdb, op, _counted(op, method, name, pos))
+        if method is not None:
+            setattr(cdb, op, _counted(op, method, name, pos))
     cdb._lrpt_counted = True
     return True
 
 
-def _counted(op, method, name, pos):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        # Count the outermost call only: some backend methods fall back on others.
-        if getattr(_local, "depth", 0):
-            return method(*args, **kwargs)
-        nbytes = _payload(args, kwargs, name, pos)
-        category = current_phase()
-        _local.depth = 1
-        t0 = time.perf_counter()
-        try:
-            work = method(*args, **kwargs)
-        finally:
-            _local.depth = 0
-        LEDGER.add(category, op, nbytes)
-        if work is not None and hasattr(work, "get_future") and kwargs.get("async_op"):
-            try:
-                work.get_future().then(lambda f: LEDGER.add_time(category, op, time.perf_counter() - t0))
-            except RuntimeError:  # some work objects have no future
-                LEDGER.add_time(category, op, time.perf_counter() - t0)
-        else:
-            LEDGER.add_time(category, op, time.perf_counter() - t0)
-        return work
+def instrument_torch() -> None:
+    """Count torch.distributed's collectives, once per process. Both names are wrapped: the
+    package's (what callers use) and distributed_c10d's module globals (what its object
+    collectives, all_gather_object and broadcast_object_list, call inside), so an object
+    collective is counted as the tensor collectives it really issues."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
 
-    return wrapper
+    for op, (name, pos) in _TORCH_PAYLOAD.items():
+        for ns in (dist, c10d):
+            fn = getattr(ns, op, None)
+            if fn is not None and not getattr(fn, "_lrpt_counted", False):
+                setattr(ns, op, _counted(op, fn, name, pos))
 
 
 # ---------------------------------------------------------------------------------------------
 # What the loop reads.
 
 class CommMeter:
-    """Per-rank counters of gradient/parameter collectives: `pop()` for the training step,
-    `startup_bytes` for the one-time broadcasts (initial wrap and rewraps), `by_op()` per
-    collective."""
+    """Per-rank counters by purpose: `pop()` gives what each purpose sent since the previous
+    pop in this process (any meter's: a meter built after a re-wrap continues where the
+    previous one stopped), `by_op()` the totals per collective."""
 
     def __init__(self, engine_or_accelerator=None):
         acc = getattr(engine_or_accelerator, "accelerator", engine_or_accelerator)
         n = getattr(acc, "num_processes", None)
         if n:
             set_world_size(n)
-        if LEDGER.popped is None:
-            LEDGER.popped = LEDGER.totals("step")
 
-    def pop(self) -> tuple[int, float, int]:
-        """(payload bytes, seconds, calls) of training-step collectives since the previous pop
-        in this process (a meter built after a re-wrap continues where the previous one stopped)."""
-        now = LEDGER.totals("step")
-        b, _, s, c = (x - y for x, y in zip(now, LEDGER.popped))
-        LEDGER.popped = now
-        return int(b), float(s), int(c)
+    def pop(self) -> dict[str, dict]:
+        """{category: {bytes, wire_bytes, seconds, calls}} since the previous pop, for every
+        category in CATEGORIES (the first pop covers everything since process start)."""
+        out = {}
+        for category in CATEGORIES:
+            now = LEDGER.totals(category)
+            before = LEDGER.popped.get(category, (0, 0.0, 0.0, 0))
+            b, w, s, c = (x - y for x, y in zip(now, before))
+            LEDGER.popped[category] = now
+            out[category] = dict(bytes=int(b), wire_bytes=float(w), seconds=float(s), calls=int(c))
+        return out
 
     @property
     def startup_bytes(self) -> int:
         return LEDGER.totals("startup")[0]
 
     @staticmethod
-    def by_op(category: str = "step") -> dict[str, dict]:
+    def by_op(category: str = "sync") -> dict[str, dict]:
         """Totals per collective since process start: {op: {bytes, wire_bytes, seconds, calls}}."""
         with LEDGER.lock:
             rows = {op: list(r) for op, r in LEDGER.data[category].items()}
         return {op: dict(bytes=int(r[0]), wire_bytes=r[1], seconds=r[2], calls=int(r[3])) for op, r in rows.items()}
+
+
+def record_fields(popped: dict[str, dict]) -> dict:
+    """A metrics record's communication fields from `CommMeter.pop()`: payload and wire bytes
+    per purpose (`comm/<purpose>_bytes`, `comm/<purpose>_wire_bytes`); start-up only when
+    something was set up (the first record, and after a re-wrap)."""
+    out = {}
+    for category, row in popped.items():
+        if category == "startup" and not row["calls"]:
+            continue
+        out[f"comm/{category}_bytes"] = row["bytes"]
+        out[f"comm/{category}_wire_bytes"] = row["wire_bytes"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model sends: the analytic side's input, from the shape a run really built.
+
+def model_bytes(cfg, args, step: int | None = None) -> dict:
+    """Parameter bytes of the model `args` (a ModelArgs: model.json of a run) with `cfg`'s
+    strategy applied for optimizer step `step` (default: after any warm start), counted on
+    the meta device (no memory: works up to 7B). `base_bytes` is the same model without
+    adapters, every weight trainable: what full-rank training syncs."""
+    from trainer.model import Transformer
+    from trainer.strategies import build_strategy
+
+    with torch.device("meta"):
+        model = Transformer(args)
+        base = sum(p.numel() * p.element_size() for p in model.parameters())
+        build_strategy(cfg.strategy, cfg.train.seed).apply(
+            model, cfg.optimizer.weight_decay, cfg.strategy.warm_start_steps if step is None else step)
+    params = list(model.parameters())
+    return dict(trainable_params=sum(p.numel() for p in params if p.requires_grad),
+                total_params=sum(p.numel() for p in params),
+                trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+                total_bytes=sum(p.numel() * p.element_size() for p in params), base_bytes=base)

@@ -108,6 +108,7 @@ def build_accelerator(cfg):
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
                                        timeout=timedelta(seconds=cfg.distributed.timeout_s))]
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    comm.instrument_torch()
     with comm.phase("startup"):
         if stage != "none":
             skip_deepspeed_shm_op()
@@ -174,8 +175,20 @@ def prepare(accelerator, model, optimizer):
         model_p, opt_p = accelerator.prepare(module, optimizer)
     if isinstance(model_p, torch.nn.parallel.DistributedDataParallel):
         model_p.register_comm_hook(state=None, hook=comm.ddp_comm_hook)
+    elif hasattr(model_p, "zero_optimization_stage"):
+        # ZeRO's gradient reductions, shard all-gathers and clipping norm all happen inside
+        # the engine's backward and step (Accelerate calls both from accelerator.backward).
+        for name in ("backward", "step"):
+            setattr(model_p, name, _in_phase("sync", getattr(model_p, name)))
     accelerator._lrpt_prepared = (model_p, opt_p)
     return model_p, opt_p
+
+
+def _in_phase(category, fn):
+    def wrapper(*args, **kwargs):
+        with comm.phase(category):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _teardown(accelerator) -> None:
@@ -247,7 +260,7 @@ def check_consistency(engine, step: int) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     names, sums = [], []
-    with comm.phase("check"):
+    with comm.phase("control"):
         for name, p in engine.module.named_parameters():
             names.append(name)
             sums.extend(param_checksum(p.data))

@@ -6,17 +6,18 @@ the optimizer keeps flat fp32 master partitions that overwrite in-place edits at
 step, so edits go through `deepspeed.utils.safe_set_full_*` and the module's working copy is
 refreshed by hand.
 
-Under DeepSpeed every rank must make the same calls in the same order: reads of trainable
-parameters and of optimizer state are collectives (each rank holds only a fragment). Writes
-are local but must carry the same value on every rank (draw it from a seeded generator).
-Frozen parameters are never partitioned by ZeRO-1/2: they are plain module tensors.
+Under DeepSpeed every rank must make the same calls in the same order: full reads of
+optimizer state are collectives (each rank holds only a fragment), and so are reads of
+parameters under ZeRO-3. Under ZeRO-1/2 the fp32 module tensor equals the master, so
+parameter reads are local; element-wise edits of optimizer state (`edit_state`) touch only
+the fragment a rank owns, so strategy edits need no gather. Writes are local but must carry
+the same value on every rank (draw it from a seeded generator). Frozen parameters are never
+partitioned by ZeRO-1/2: they are plain module tensors.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
-from trainer import comm
 
 
 class Engine:
@@ -59,14 +60,29 @@ class Engine:
     # -- parameters ------------------------------------------------------------------------
     @torch.no_grad()
     def read_param(self, p: nn.Parameter) -> torch.Tensor:
-        """The full fp32 master value of `p` (a copy)."""
+        """The full fp32 master value of `p` (a copy). No communication under ZeRO-1/2 with
+        fp32 module weights (see _module_is_master)."""
         if self.zero_stage == 3:
             return self._z3_read(p)
-        if self.is_managed(p):
+        if self.is_managed(p) and not self._module_is_master(p):
             from deepspeed.utils import safe_get_full_fp32_param
-            with comm.phase("edit"):
-                return safe_get_full_fp32_param(p).detach().clone()
+            return safe_get_full_fp32_param(p).detach().clone()
         return p.detach().float().clone()
+
+    def _module_is_master(self, p) -> bool:
+        """ZeRO-1/2 all-gather every updated shard into the module tensor after each step, and
+        write_param writes both, so with fp32 module weights the module tensor IS the master,
+        whole on every rank: reading it needs no gather. Checked on the fragment this rank
+        owns (local, exact), so a stale module copy (an in-place edit) fails loudly."""
+        if self.zero_stage not in (1, 2) or p.dtype != torch.float32:
+            return False
+        frag = getattr(p, "_hp_mapping", None)
+        if frag is not None:
+            a = frag.lp_fragment_address
+            if not torch.equal(p.detach().reshape(-1).narrow(0, a.start, a.numel), frag.hp_fragment):
+                raise RuntimeError("the module copy of a ZeRO parameter differs from its fp32 master: "
+                                   "edit parameters through Engine.write_param, not in place")
+        return True
 
     @torch.no_grad()
     def write_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
@@ -81,22 +97,20 @@ class Engine:
 
     def _z3_read(self, p):
         import deepspeed
-        with comm.phase("edit"):
-            if p.requires_grad:
-                from deepspeed.utils import safe_get_full_fp32_param
-                return safe_get_full_fp32_param(p).detach().clone().view(p.ds_shape)
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                return p.data.detach().float().clone()
+        if p.requires_grad:
+            from deepspeed.utils import safe_get_full_fp32_param
+            return safe_get_full_fp32_param(p).detach().clone().view(p.ds_shape)
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            return p.data.detach().float().clone()
 
     def _z3_write(self, p, value):
         import deepspeed
-        with comm.phase("edit"):
-            if p.requires_grad:
-                from deepspeed.utils import safe_set_full_fp32_param
-                safe_set_full_fp32_param(p, value.to(torch.float32))
-            # Rank 0's edited copy is re-partitioned into every rank's shard on exit.
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.data.copy_(value.to(p.dtype).view_as(p.data))
+        if p.requires_grad:
+            from deepspeed.utils import safe_set_full_fp32_param
+            safe_set_full_fp32_param(p, value.to(torch.float32))
+        # Rank 0's edited copy is re-partitioned into every rank's shard on exit.
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.data.copy_(value.to(p.dtype).view_as(p.data))
 
     # -- optimizer state -------------------------------------------------------------------
     @torch.no_grad()
@@ -108,8 +122,7 @@ class Engine:
                 return shared.detach().clone()
             self._check_key(key)
             from deepspeed.utils import safe_get_full_optimizer_state
-            with comm.phase("edit"):
-                value = safe_get_full_optimizer_state(p, key)
+            value = safe_get_full_optimizer_state(p, key)
             return value.view(p.ds_shape) if self.zero_stage == 3 else value
         state = self.torch_optimizer.state.get(p, {})
         value = state.get(key)
@@ -136,6 +149,38 @@ class Engine:
             state[key].copy_(value)
         else:
             state[key] = value.clone()
+
+    @torch.no_grad()
+    def edit_state(self, p: nn.Parameter, fn) -> None:
+        """Edit `p`'s per-element optimizer state in place, element-wise, where it lives: under
+        ZeRO-1/2 on the fragment of the flat fp32 partition this rank owns, with no gather.
+        `fn(part, state)`: `state` maps each per-element key (exp_avg, exp_avg_sq, a
+        per-element step) to a 1-D tensor of the elements `part` covers (see Part). Every
+        rank calls it, with the same fn: fn may call part.kth_smallest, a collective."""
+        if self.zero_stage in (1, 2) and self.is_managed(p):
+            self._ensure_ds_state()
+            keys = [k for k in self.state_keys(p) if self._shared_scalar(p, k) is None]
+            frag = getattr(p, "_hp_mapping", None)  # None: this rank owns no element of p
+            if frag is None:
+                empty = torch.empty(0, dtype=torch.float32, device=p.device)
+                fn(Part(p.shape, 0, 0, partitioned=True), {k: empty.clone() for k in keys})
+            else:
+                a = frag.lp_fragment_address
+                fn(Part(p.shape, a.start, a.numel, partitioned=True),
+                   {k: frag.get_optim_state_fragment(k) for k in keys})
+            return
+        if self.is_managed(p):  # ZeRO-3: gathered, edited, written back
+            shape = p.ds_shape
+            state = {k: self.read_state(p, k).reshape(-1) for k in self.state_keys(p)
+                     if self._shared_scalar(p, k) is None}
+            fn(Part(shape, 0, state[next(iter(state))].numel() if state else 0), state)
+            for k, v in state.items():
+                self.write_state(p, k, v.view(shape))
+            return
+        _init_state(self.torch_optimizer, [p])
+        st = self.torch_optimizer.state[p]
+        fn(Part(p.shape, 0, p.numel()),
+           {k: v.view(-1) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape == p.shape})
 
     def _flats(self) -> list[torch.Tensor]:
         """DeepSpeed's flat fp32 partitions, the keys of the torch optimizer's state."""
@@ -258,6 +303,48 @@ class Engine:
                               f"step counts {sorted(set(scalars.values()))}{' and fresh parameters ' if fresh else ''}"
                               f"{', '.join(fresh)}: they will share step {max(scalars.values()):g} and their "
                               f"bias correction (DDP would differ). Put them in separate optimizer groups.")
+
+
+class Part:
+    """The elements of a parameter that this rank holds: `numel` elements from `start` of its
+    flattened value (all of them unless `partitioned`)."""
+
+    def __init__(self, shape, start: int, numel: int, partitioned: bool = False):
+        self.shape, self.start, self.numel, self.partitioned = torch.Size(shape), start, numel, partitioned
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of a full-shaped tensor (every rank computes the same full one)."""
+        return full.reshape(-1).narrow(0, self.start, self.numel)
+
+    def mask(self, dim: int, index) -> torch.Tensor:
+        """This rank's elements of a boolean mask selecting rows (dim 0) or columns (dim 1)."""
+        full = torch.zeros(self.shape, dtype=torch.bool)
+        full.index_fill_(dim, torch.as_tensor(list(index), dtype=torch.long), True)
+        return self.take(full)
+
+    @torch.no_grad()
+    def kth_smallest(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        """The k-th smallest (1-based) of the non-negative `values` of all ranks' parts
+        together, identical on every rank (a collective when partitioned). Not a gather: a
+        bisection on the fp32 bit pattern, which orders non-negative floats as integers: 31
+        all-reduces of one int64 count (248 bytes of payload) and exactly torch.kthvalue."""
+        values = values.float()
+        if not self.partitioned:
+            return values.reshape(-1).kthvalue(k).values
+        import torch.distributed as dist
+
+        bits = values.contiguous().view(torch.int32)
+        count = torch.zeros(1, dtype=torch.int64, device=values.device)
+        lo, hi = 0, 0x7F800000  # +0.0 .. +inf
+        while lo < hi:
+            mid = (lo + hi) // 2
+            count.fill_((bits <= mid).sum())
+            dist.all_reduce(count)
+            if int(count.item()) >= k:
+                hi = mid
+            else:
+                lo = mid + 1
+        return torch.tensor([lo], dtype=torch.int32).view(torch.float32)[0].to(values.device)
 
 
 @torch.no_grad()

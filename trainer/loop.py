@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer import seeding
-from trainer.comm import CommMeter
+from trainer.comm import CommMeter, record_fields as comm_record_fields
 from trainer.config import Config, save_config
 from trainer.data import PreparedData, BatchLoader, resolve_dataset
 from trainer.distributed import build_accelerator, check_consistency, prepare
@@ -292,7 +292,7 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
         window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
-        self.comm.pop()  # start-up broadcasts are not training traffic
+        window_guard_s = 0.0  # rank checks in this window: timed apart, not training
         if st.step == 0:
             val_sequences = int(_all_reduce_sum([sum(len(x) for x, _ in self.val_batches)], acc.device)[0])
             self.log({"step": 0, "tokens": 0, **self.evaluate(), "world_size": self.world,
@@ -324,27 +324,36 @@ class Trainer:
                 self.log({"step": st.step, "tokens": st.tokens, **dyn})
 
             event = self.strategy.after_step(st.step, ctx)
-            if self.world > 1 and (event or (cfg.distributed.guard_every and st.step % cfg.distributed.guard_every == 0)):
+            # Ranks are compared after merges and every guard_every steps, not after each
+            # switch (most steps early on); the check's time is kept out of the step's.
+            guard_every = cfg.distributed.guard_every
+            if self.world > 1 and ((event and event != "switch") or (guard_every and st.step % guard_every == 0)):
+                tg = time.perf_counter()
                 check_consistency(self.engine, st.step)
+                tg = time.perf_counter() - tg
+                t0, window_t0, window_guard_s = t0 + tg, window_t0 + tg, window_guard_s + tg
             st.elapsed_s += time.perf_counter() - t0
 
             last = st.step == cfg.train.max_steps
             # Merges get a record of their own; switches happen most steps early on and don't.
             if st.step % cfg.logging.log_every == 0 or last or (event and event != "switch"):
                 dt = time.perf_counter() - window_t0
-                comm_bytes, comm_s, _ = self.comm.pop()
-                st.comm_bytes_total += comm_bytes
                 record = {"step": st.step, "tokens": st.tokens, "loss": window_loss / window_steps, "lr": lr,
-                          "tokens_per_s": window_steps * self.tokens_per_step / dt, "comm_bytes": comm_bytes,
-                          "comm_bytes_total": st.comm_bytes_total, "comm_time_s": comm_s,
+                          "tokens_per_s": window_steps * self.tokens_per_step / dt,
                           "trainable_params": self.trainable_params, "total_params": self.total_params,
-                          "world_size": self.world, "elapsed_s": st.elapsed_s}
+                          "world_size": self.world, "elapsed_s": st.elapsed_s, "guard_time_s": window_guard_s}
                 if event:
                     record["event"] = event
                 if (cfg.logging.eval_every and st.step % cfg.logging.eval_every == 0) or last:
                     record.update(self.evaluate())
                 if (cfg.logging.blimp_every and st.step % cfg.logging.blimp_every == 0) or last:
                     record.update(self.minimal_pairs())
+                # After the evaluation, so that its validation sums are in this record's control bytes.
+                popped = self.comm.pop()
+                comm_bytes = popped["sync"]["bytes"]
+                st.comm_bytes_total += comm_bytes
+                record.update(comm_bytes=comm_bytes, comm_bytes_total=st.comm_bytes_total,
+                              comm_time_s=popped["sync"]["seconds"], **comm_record_fields(popped))
                 self.log(record)
                 msg = (f"step {st.step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | comm {comm_bytes / 1e6:.2f} MB")
@@ -355,7 +364,7 @@ class Trainer:
                     bar.write(msg)
                 else:
                     print0(acc, msg)
-                window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+                window_loss, window_steps, window_t0, window_guard_s = 0.0, 0, time.perf_counter(), 0.0
             if bar is not None:
                 bar.update(1)
 

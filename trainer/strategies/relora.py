@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from trainer import comm
 from trainer.seeding import Purpose, seeded_generator
 from trainer.strategies.base import StepContext, cosine_with_warmup
 from trainer.strategies.lora import LoRA, kaiming_uniform, merge, set_trainable
@@ -118,14 +119,17 @@ class ReLoRA(LoRA):
 
     @torch.no_grad()
     def merge_and_reinit(self, step: int, ctx: StepContext) -> None:
+        # Reads and writes are local (trainer/engine.py: W frozen, A and B whole in the module
+        # copy); only magnitude pruning communicates, a few counts per tensor.
         eng = ctx.engine
-        for index, (_, m) in enumerate(self.adapters):
-            W, A, B = eng.read_param(m.weight), eng.read_param(m.lora_A), eng.read_param(m.lora_B)
-            eng.write_param(m.weight, merge(W, A, B, m.lora_scale))
-            fresh_A = kaiming_uniform(A.shape, seeded_generator(self.seed, step, index, Purpose.A_INIT))
-            eng.write_param(m.lora_A, fresh_A.to(A.device))
-            eng.write_param(m.lora_B, torch.zeros_like(B))
-            self.reset_optimizer(step, index, m, ctx)
+        with comm.phase("edit"):
+            for index, (_, m) in enumerate(self.adapters):
+                W, A, B = eng.read_param(m.weight), eng.read_param(m.lora_A), eng.read_param(m.lora_B)
+                eng.write_param(m.weight, merge(W, A, B, m.lora_scale))
+                fresh_A = kaiming_uniform(A.shape, seeded_generator(self.seed, step, index, Purpose.A_INIT))
+                eng.write_param(m.lora_A, fresh_A.to(A.device))
+                eng.write_param(m.lora_B, torch.zeros_like(B))
+                self.reset_optimizer(step, index, m, ctx)
 
     @torch.no_grad()
     def reset_optimizer(self, step: int, index: int, m, ctx: StepContext) -> None:
@@ -137,19 +141,21 @@ class ReLoRA(LoRA):
         their next update is m / sqrt((1 - beta2) g^2), many times a normal step, and only the
         re-warmup hides it (a micro run went NaN that way).
         """
-        mode, ratio, eng = self.cfg.optimizer_reset, self.cfg.reset_ratio, ctx.engine
+        mode, ratio = self.cfg.optimizer_reset, self.cfg.reset_ratio
         joint = self.cfg.prune_moments == "joint"
         for p, purposes in ((m.lora_A, (Purpose.PRUNE_A, Purpose.PRUNE_A_SQ)),
                             (m.lora_B, (Purpose.PRUNE_B, Purpose.PRUNE_B_SQ))):
-            exp_avg = eng.read_state(p, "exp_avg")
-            if exp_avg is None:
-                continue
-            exp_avg_sq = eng.read_state(p, "exp_avg_sq")
-            keep = prune_mask(exp_avg, mode, ratio, seeded_generator(self.seed, step, index, purposes[0]))
-            keep_sq = keep if joint else prune_mask(exp_avg_sq, mode, ratio,
-                                                    seeded_generator(self.seed, step, index, purposes[1]))
-            eng.write_state(p, "exp_avg", exp_avg * keep)
-            eng.write_state(p, "exp_avg_sq", exp_avg_sq * keep_sq)
+            def prune(part, state, purposes=purposes):
+                if "exp_avg" not in state:
+                    return
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                keep = prune_mask(exp_avg, mode, ratio, seeded_generator(self.seed, step, index, purposes[0]), part)
+                keep_sq = keep if joint else prune_mask(
+                    exp_avg_sq, mode, ratio, seeded_generator(self.seed, step, index, purposes[1]), part)
+                exp_avg.mul_(keep)
+                exp_avg_sq.mul_(keep_sq)
+
+            ctx.engine.edit_state(p, prune)
 
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -160,23 +166,28 @@ class ReLoRA(LoRA):
         self.merges = int(state.get("merges", 0))
 
 
-def prune_mask(t: torch.Tensor, mode: str, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A 0/1 mask (t's dtype and device) keeping a fraction 1 - `ratio` of t's entries:
+def prune_mask(t: torch.Tensor, mode: str, ratio: float, generator: torch.Generator | None = None,
+               part=None) -> torch.Tensor:
+    """A 0/1 mask (t's dtype and device) keeping a fraction 1 - `ratio` of a tensor's entries:
     none (`zero`), a random subset (`random`, drawn on the CPU from `generator`) or the
-    largest by magnitude (`magnitude`; ties at the threshold are pruned)."""
+    largest by magnitude (`magnitude`; ties at the threshold are pruned). `t` is the whole
+    tensor, or with `part` (trainer.engine.Part) the elements of it this rank holds: the
+    random draw is made for the whole shape and the magnitude threshold is global."""
     if mode not in ("zero", "random", "magnitude"):
         raise ValueError(f"strategy.optimizer_reset={mode!r}: expected zero, random or magnitude")
     if mode == "zero" or ratio >= 1:
         return torch.zeros_like(t)
     if ratio <= 0:
         return torch.ones_like(t)
+    shape = t.shape if part is None else part.shape
     if mode == "random":
-        return (torch.rand(t.shape, generator=generator) >= ratio).to(t.device, t.dtype)
-    k = int(round(ratio * t.numel()))
+        keep = torch.rand(shape, generator=generator) >= ratio
+        return (keep if part is None else part.take(keep)).to(t.device, t.dtype)
+    k = int(round(ratio * shape.numel()))
     if k == 0:
         return torch.ones_like(t)
     mag = t.abs()
     # kthvalue, not quantile: torch.quantile refuses tensors above 16M elements (one 7B MLP
     # moment has 45M).
-    threshold = mag.flatten().float().kthvalue(k).values.to(t.dtype)
-    return (mag > threshold).to(t.dtype)
+    threshold = (mag.flatten().float().kthvalue(k).values if part is None else part.kth_smallest(mag, k))
+    return (mag > threshold.to(t.dtype)).to(t.dtype)

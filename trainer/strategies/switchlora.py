@@ -41,6 +41,7 @@ from collections import deque
 import torch
 import torch.nn as nn
 
+from trainer import comm
 from trainer.optim import VectorAdamW
 from trainer.seeding import Purpose, seeded_generator
 from trainer.strategies.base import StepContext
@@ -182,8 +183,14 @@ class SwitchLoRA(LoRA):
     @torch.no_grad()
     def switch_layer(self, step: int, m: LoRALinear, pa: VectorPool, pb: VectorPool, k: int,
                      g: torch.Generator, ctx: StepContext) -> int:
+        # Every read and write is local (trainer/engine.py): W is frozen, A and B are whole in
+        # the module copy, and the optimizer-state resets are element-wise.
+        with comm.phase("edit"):
+            return self._switch_layer(step, m, pa, pb, k, g, ctx.engine)
+
+    def _switch_layer(self, step, m, pa, pb, k, g, eng) -> int:
         rows = _choose(pa.eligible(step), k, g)
-        eng, s, freeze = ctx.engine, float(m.lora_scale), self.cfg.freeze_steps
+        s, freeze = float(m.lora_scale), self.cfg.freeze_steps
         W, A, B = eng.read_param(m.weight), eng.read_param(m.lora_A), eng.read_param(m.lora_B)
         if rows:
             I = torch.tensor(rows, device=A.device)
@@ -205,28 +212,29 @@ class SwitchLoRA(LoRA):
         eng.write_param(m.lora_A, A)
         eng.write_param(m.lora_B, B)
         # The counterpart's moments were accumulated against the vector that is gone.
-        self._restart_vectors(eng, m.lora_B, cols=rows)
-        self._restart_vectors(eng, m.lora_A, rows=cols)
+        self._restart_vectors(eng, m.lora_B, 1, rows)
+        self._restart_vectors(eng, m.lora_A, 0, cols)
         return len(rows) + len(cols)
 
-    def _restart_vectors(self, eng, p: nn.Parameter, rows=(), cols=()) -> None:
-        """Zero the Adam moments of the given rows/columns of `p` and set their step counters to
-        -freeze_steps: VectorAdamW leaves them still for freeze_steps steps, then restarts
-        them as fresh Adam elements."""
-        if not rows and not cols:
+    def _restart_vectors(self, eng, p: nn.Parameter, dim: int, index: list[int]) -> None:
+        """Zero the Adam moments of the rows (dim 0) or columns (dim 1) `index` of `p` and set
+        their step counters to -freeze_steps: VectorAdamW leaves them still for freeze_steps
+        steps, then restarts them as fresh Adam elements."""
+        if not index:
             return
-        dim, idx = (0, rows) if rows else (1, cols)
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = eng.read_state(p, key)
-            if t is not None:
-                eng.write_state(p, key, t.index_fill_(dim, torch.tensor(idx, device=t.device), 0.0))
-        t = eng.read_state(p, "step")
-        if t is None:
-            t = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if t.shape != p.shape:
-            raise RuntimeError("SwitchLoRA needs per-element step counters (trainer.optim.VectorAdamW); "
-                               f"the optimizer's 'step' has shape {tuple(t.shape)}")
-        eng.write_state(p, "step", t.index_fill_(dim, torch.tensor(idx, device=t.device), -float(self.cfg.freeze_steps)))
+        freeze = -float(self.cfg.freeze_steps)
+
+        def restart(part, state):
+            if "step" not in state:
+                raise RuntimeError("SwitchLoRA needs per-element step counters (trainer.optim.VectorAdamW); "
+                                   "the optimizer keeps one 'step' per parameter or group")
+            hit = part.mask(dim, index).to(state["step"].device)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].masked_fill_(hit, 0.0)
+            state["step"].masked_fill_(hit, freeze)
+
+        eng.edit_state(p, restart)
 
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
