@@ -165,7 +165,9 @@ for step in range(start, steps):
             open(state, "w").write(str(step + 1))
         print(f"preempted by {','.join(sorted(set(got))) or 'peer'} at step {step + 1}", file=log, flush=True)
         dist.barrier()
-        sys.exit(85)
+        if rank == 0:
+            open(os.path.join(run_dir, "preempted"), "w").write("85")
+        sys.exit(int(os.environ.get("LRPT_PREEMPT_EXIT", 85)))
 if rank == 0:
     open(state, "w").write(str(steps))
 print("done", file=log, flush=True)
@@ -209,6 +211,7 @@ def test_template_preemption_signal_path_and_requeue(slurm_cluster, tmp_path):
         assert lines[3] == "done", lines
     assert "USR1: asking the training processes" in text and "requeue 1 of at most 1" in text
     assert text.count("run finished") == 1
+    assert "Traceback" not in text and "srun: error" not in text, text
     print(f"workers up {started:.1f}s after submit; whole preempt+requeue job {time.monotonic() - t0:.1f}s")
 
     # The status report sees the finished job.
@@ -323,6 +326,12 @@ def test_preempt_requeue_resume_matches_uninterrupted(ddp_run, slurm_cluster, lr
     print(f"preempted + requeued 2-node job: {time.monotonic() - t0:.1f}s")
     text = log.read_text()
     assert info["Restarts"] == "1", text
+    # A requested stop looks like one: no tracebacks from torch's elastic agent, no failed step.
+    for crash in ("Traceback", "ChildFailedError", "srun: error", "exit code 1", "FutureWarning"):
+        assert crash not in text, text
+    assert "launch exited with 0 (preempt signal: 1, preempted file: 1)" in text, text
+    assert "preempted: requeue 1 of at most" in text and text.count("run finished") == 1, text
+    assert not (run_dir / "preempted").exists()  # removed when the requeued job started
     events = [r for r in _records(run_dir) if r.get("event") == "preempt"]
     assert len(events) == 1 and 3 <= events[0]["step"] < 40, text
     _check_distributed(run_dir)

@@ -99,6 +99,8 @@ def _free_port() -> int:
 
 def build_accelerator(cfg):
     """The Accelerator for this process (see the module docstring for the traps)."""
+    # torch deprecates broadcast_buffers=False (set below, on purpose) for a replacement that Accelerate does not pass yet.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
