@@ -7,6 +7,8 @@ import signal
 import sys
 import threading
 
+from trainer.errors import StartupStopped, exit_code, message  # torch-free: ready before the slow imports
+
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str]]:
     """`[CONFIG] [key=value ...]`: the first item is a YAML path unless it is an override."""
@@ -19,7 +21,6 @@ EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C
 
 
 def _stop_during_startup(signum, frame):
-    from trainer.errors import StartupStopped
     raise StartupStopped(f"stopped by {signal.Signals(signum).name} during start-up, before the first step: "
                          f"nothing to save; run the same command to start again")
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
             previous[sig] = signal.signal(sig, _stop_during_startup)
     try:
         return _main(argv)
+    except StartupStopped as e:
+        print(message(e), file=sys.stderr)
+        return exit_code(e)
     except KeyboardInterrupt:
         print("interrupted: stopped at once; resume from the last checkpoint with the same command", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -41,8 +45,24 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
+def _mark_preempted(run_dir: str, code: int) -> int:
+    """Under a launcher that reports any non-zero exit as a crash (torch elastic's
+    ChildFailedError traceback, srun's "exited with exit code 1"), the sbatch template sets
+    LRPT_PREEMPT_EXIT=0: the run directory's `preempted` file then tells the batch script to
+    requeue. By hand, exit 85 says it."""
+    exit_as = os.environ.get("LRPT_PREEMPT_EXIT")
+    if exit_as is None:
+        return code
+    if os.environ.get("RANK", "0") == "0":
+        with open(os.path.join(run_dir, "preempted"), "w") as f:
+            f.write(f"{code}\n")
+        print(f"preempted: exit {exit_as} instead (LRPT_PREEMPT_EXIT); {os.path.join(run_dir, 'preempted')} "
+              f"tells the batch script to requeue", flush=True)
+    return int(exit_as)
+
+
 def _main(argv: list[str] | None) -> int:
-    from trainer.errors import EXIT_PREEMPTED, StartupStopped, exit_code, message
+    from trainer.errors import EXIT_PREEMPTED, Preempted, exit_code, message
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -55,8 +75,10 @@ def _main(argv: list[str] | None) -> int:
         code = exit_code(e)
         if code is None:
             raise
-        if code != EXIT_PREEMPTED or isinstance(e, StartupStopped):  # a preemption has already said what it did
+        if code != EXIT_PREEMPTED:  # a preemption has already said what it did
             print(message(e), file=sys.stderr)
+        elif type(e) is Preempted:  # it carries the run directory; a stop during start-up has none
+            code = _mark_preempted(str(e), code)
         return code
     return 0
 
