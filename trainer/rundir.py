@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 from trainer.errors import RunDirError
@@ -120,6 +121,9 @@ class RunDir:
                 raise RunDirError(f"run directory {self.path} is in use by pid {holder.get('pid', '?')} on "
                                   f"{holder.get('host', '?')} since {holder.get('since', '?')}; wait for it to "
                                   f"finish or stop it, or choose another run.dir") from None
+        except OSError as e:  # a file system without flock (some NFS mounts): train unguarded, say so
+            warnings.warn(f"cannot lock {self.lock_file} ({e.strerror}); nothing stops a second run in "
+                          f"{self.path}")
         _HELD[key] = fd
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
