@@ -64,7 +64,8 @@ def test_write_order_meta_last_inside_tmp_then_rename(tmp_path, monkeypatch):
     temporary folder, and only then is the folder renamed and `latest` moved."""
     events = []
     real_write, real_replace = ckpt._fsync_write, os.replace
-    monkeypatch.setattr(ckpt, "_fsync_write", lambda path, data: (events.append(("write", path)), real_write(path, data)))
+    monkeypatch.setattr(ckpt, "_fsync_write",
+                        lambda path, data: (events.append(("write", path)), real_write(path, data)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", a, b)), real_replace(a, b)))
     ckpt.save(tmp_path, 7, {"model.pt": {"w": torch.ones(2)}, "optimizer.pt": {}, "trainer.pt": {}}, keep=3)
     tmp, final = tmp_path / ".tmp-step_0000007", tmp_path / "step_0000007"
