@@ -147,7 +147,7 @@ def test_validation_split_is_topped_up_or_refused(tmp_path):
     assert not (tmp_path / "o1").exists()
     d = data.PreparedData(data.prepare([str(src)], tmp_path / "o2", vocab_size=VOCAB, progress=False, unit="line"))
     assert d.num_tokens("val") >= data.prepare.__kwdefaults__["min_val_tokens"] == 16 * 128 + 1
-    assert d.num_documents("train") > d.num_documents("val") > 1
+    assert d.num_documents("train") > d.num_documents("val") > 1 and d.index["val_topped_up"] > 0
     # The hash's own picks plus documents from the end: still whole verses, none lost or repeated.
     got = sorted(split_documents(d, "train") + split_documents(d, "val"))
     assert got == sorted(VERSES.splitlines())

@@ -330,9 +330,11 @@ def _write_dataset(dst: Path, documents: Callable[[], Iterator[str]], *, source:
     bar.close()
     val_tokens = sum(s["tokens"] for s in writers["val"].shards)
     keep = 0 if writers["train"].documents else 1  # never the last training document
+    topped_up = 0
     while val_fraction > 0 and val_tokens < min_val_tokens and len(held) > keep:
         val_tokens += len(held[-1])
         writers["val"].write(held.pop())
+        topped_up += 1
     for ids in held:
         writers["train"].write(ids)
     for w in writers.values():
@@ -349,7 +351,7 @@ def _write_dataset(dst: Path, documents: Callable[[], Iterator[str]], *, source:
         "format": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": vocab,
         "eos_id": eos_id, "eos_token": eos_token, "tokenizer": "tokenizer.json", "source": source,
         "seed": seed, "val_fraction": val_fraction, "shard_tokens": shard_tokens,
-        "splits": {s: w.summary() for s, w in writers.items()},
+        "splits": {s: w.summary() for s, w in writers.items()}, "val_topped_up": topped_up,
     }
     (dst / "index.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: marks it complete
     return meta
