@@ -105,7 +105,8 @@ def measure_run(metrics: list[dict]) -> dict:
     if not recs:
         return {}
     out = {k: recs[-1].get(k) for k in ("trainable_params", "total_params", "world_size")}
-    out["measured_startup_bytes"] = sum(r.get("comm/startup_bytes", 0) for r in recs)
+    if any("comm/sync_bytes" in r for r in recs):  # records from before per-purpose counting have none
+        out["measured_startup_bytes"] = sum(r.get("comm/startup_bytes", 0) for r in recs)
     rewraps = [i for i, r in enumerate(metrics) if r.get("event") == "rewrap"]
     if rewraps:
         after = metrics[rewraps[-1]]["step"]

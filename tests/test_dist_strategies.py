@@ -651,6 +651,7 @@ def test_communication_matrix(ddp_full, ddp_relora, ddp_switch, zero1_full, zero
             assert measured == pytest.approx(analytic, rel=5e-3), (engine, strategy, kind, measured, analytic)
         b = param_bytes(run, 10**6)  # after any warm start, from the run's model.json
         assert row["trainable_bytes"] == b["trainable"] and row["full_rank_bytes"] == b["base"]
+        assert row["trainable_params"] * 4 == row["trainable_bytes"]  # the records' count, the same model
         assert abs(row["saving_vs_full"] - (1 - b["trainable"] / b["base"])) < 1e-9, (engine, strategy, row)
         assert set(row["measured_by_purpose_per_step"]) == {"sync", "edit", "control"}
         assert row["measured_startup_bytes"] > 0
