@@ -23,6 +23,7 @@ EPILOG = """examples:
   lrpt analyze runs/relora
   lrpt plot runs/full runs/relora --out plots/
   lrpt compare configs/experiments/micro-full.yaml configs/experiments/micro-relora.yaml --out runs/compare
+  lrpt compare runs/full runs/relora --out runs/table      # existing run directories: no training
   lrpt export runs/relora hf/relora-micro
   lrpt bench --model micro --steps 20
 """
@@ -43,11 +44,19 @@ def cmd_data(a) -> int:
         out = data.prepare(a.sources, a.out, tokenizer_path=a.tokenizer, vocab_size=a.vocab_size,
                            val_fraction=a.val_fraction, text_field=a.text_field, hf_split=a.split,
                            hf_config=a.hf_config, max_documents=a.max_documents, overwrite=a.overwrite,
-                           unit=a.unit, min_val_tokens=a.min_val_tokens,
+                           unit=a.unit, min_val_tokens=a.min_val_tokens, encoding=a.encoding,
+                           skip_undecodable=a.skip_undecodable,
                            # Progress bars only on a terminal: the BPE trainer's bar writes
                            # blank lines to a redirected stdout.
                            progress=sys.stdout.isatty() and sys.stderr.isatty())
         print(data.describe(out))
+        index = json.loads((out / "index.json").read_text())
+        if index.get("val_topped_up"):
+            print(f"validation: the hash picked too few documents; the last {index['val_topped_up']} were moved "
+                  f"there to reach {a.min_val_tokens:,} tokens (--min-val-tokens)", file=sys.stderr)
+        skipped = index.get("skipped", [])
+        if skipped:
+            print(f"skipped {len(skipped)} undecodable file(s): {'; '.join(skipped)}", file=sys.stderr)
         print(f"prepared: {out}\ntrain on it with: lrpt train data.source={out}")
     else:
         print(data.describe(a.path))
@@ -128,7 +137,11 @@ def cmd_compare(a) -> int:
 
 def cmd_bench(a) -> int:
     from launcher.bench import bench
-    return bench(a)
+    try:
+        return bench(a)
+    except (ValueError, PermissionError, RuntimeError) as e:  # a bad --link, or no namespace allowed here
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--hf-config", default=None, help="HF dataset configuration name")
     dp.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
     dp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    dp.add_argument("--encoding", default="utf-8", help="text encoding of .txt/.jsonl files")
+    dp.add_argument("--skip-undecodable", action="store_true",
+                    help="leave out files that do not decode (or hold NUL bytes) instead of refusing; counted")
     dd = dsub.add_parser("describe", help="summarise a prepared directory")
     dd.add_argument("path")
     d.set_defaults(fn=cmd_data)
@@ -212,18 +228,32 @@ def build_parser() -> argparse.ArgumentParser:
     sl.set_defaults(fn=cmd_slurm)
     slurm.add_arguments(sl)
 
-    co = sub.add_parser("compare", help="train several configs at one token budget and tabulate them")
-    co.add_argument("configs", nargs="+", help="YAML configs, or one sweep file from configs/experiments/")
+    co = sub.add_parser("compare", help="train several configs at one token budget and tabulate them, "
+                        "or tabulate existing run directories")
+    co.add_argument("configs", nargs="+", metavar="CONFIG|RUN_DIR",
+                    help="YAML configs, one sweep file from configs/experiments/, or run directories "
+                    "(tabulated as they are: nothing is trained)")
     co.add_argument("--out", required=True, help="directory for the runs, table and plots")
     co.add_argument("--set", nargs="*", metavar="key=value", help="overrides applied to every run")
     co.set_defaults(fn=cmd_compare)
 
-    b = sub.add_parser("bench", help="speed and memory per strategy: tokens/s, step time, peak memory, MFU")
+    b = sub.add_parser("bench", help="speed and memory per strategy: tokens/s, step time, peak memory, MFU; "
+                       "--link: seconds on a shaped slow link",
+                       description="Each strategy trains in a fresh process (a STRATEGY may carry overrides: "
+                       "full:distributed.comm_hook=bf16). Without --link: median tokens/s and step time after warm-up, "
+                       "peak memory, MFU (null on CPU), trainable share. With --link RATE: an --nproc process job "
+                       "per strategy over a rate-limited loopback: step time, exposed comm time (step time minus "
+                       "a 1-process run's), payload and wire bytes per step, final validation loss, time to "
+                       "--target-loss.")
     b.add_argument("--model", default="micro")
     b.add_argument("--strategies", nargs="+", default=["full", "lora", "relora", "switchlora"])
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--set", nargs="*", metavar="key=value", default=[])
     b.add_argument("--json", action="store_true", help="print a JSON list, one object per strategy")
+    b.add_argument("--link", metavar="RATE", help="run each strategy as a multi-process gloo job over a loopback "
+                   "rate-limited to RATE (tc syntax: 100mbit, 1gbit) in a private network namespace (needs root)")
+    b.add_argument("--nproc", type=int, default=2, help="processes per job with --link")
+    b.add_argument("--target-loss", type=float, help="with --link: report the seconds to reach this validation loss")
     b.set_defaults(fn=cmd_bench)
     return p
 
