@@ -173,7 +173,7 @@ class Engine:
             shape = p.ds_shape
             state = {k: self.read_state(p, k).reshape(-1) for k in self.state_keys(p)
                      if self._shared_scalar(p, k) is None}
-            fn(Part(shape, 0, state[next(iter(state))].numel() if state else 0), state)
+            fn(Part(shape, 0, shape.numel()), state)
             for k, v in state.items():
                 self.write_state(p, k, v.view(shape))
             return
