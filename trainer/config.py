@@ -111,7 +111,10 @@ class LoggingConfig:
     eval_batches: int = 8
     blimp_every: int = 0  # steps between minimal-pair evaluations; 0 = only at the end
     dynamics_every: int = 0  # steps between learning-dynamics records; 0 = never
-    tensorboard: bool = True
+    # Trackers the records also go to, through Accelerate (tensorboard writes RUN/tensorboard;
+    # wandb, mlflow, comet_ml, ... contact their service): [] for none. metrics.jsonl is always
+    # written. The retired `logging.tensorboard=true|false` still means what it said.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True  # progress bar on rank 0
 
 
@@ -223,6 +226,9 @@ def _nest(dotted: str, value) -> dict:
     return out
 
 
+# Accelerate's tracker names (accelerate.tracking); checked here so that a typo fails before the run starts.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
 # Keys that did nothing and were removed: the config.yaml of older runs still holds them.
 RETIRED = ("data.num_workers", "train.compile")
 
@@ -237,6 +243,11 @@ def apply_dict(obj, data: dict, prefix: str = "") -> set[str]:
     done: set[str] = set()
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full == "logging.tensorboard":  # replaced by logging.trackers
+            on, rest = _coerce(full, value, bool), [t for t in obj.trackers if t != "tensorboard"]
+            obj.trackers = ["tensorboard", *rest] if on else rest
+            done.add("logging.trackers")
+            continue
         if full in RETIRED:
             warnings.warn(f"config key {full!r} was removed (it did nothing); ignoring it", stacklevel=2)
             continue
@@ -328,6 +339,8 @@ def _validate(c: Config) -> None:
     check(c.schedule.warmup_steps >= 0, "schedule.warmup_steps", c.schedule.warmup_steps, ">= 0")
     check(0 <= c.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", c.schedule.min_lr_ratio, "in [0, 1]")
     one_of("schedule.decay", c.schedule.decay, ["cosine", "constant"])
+    for t in c.logging.trackers:
+        one_of("logging.trackers", t, TRACKERS)
     one_of("strategy.name", c.strategy.name, sorted(STRATEGIES))
     for t in c.strategy.targets:  # names, like model.name: wrong whichever strategy is chosen
         one_of("strategy.targets", t, list(PROJECTIONS))

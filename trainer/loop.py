@@ -35,6 +35,9 @@ from trainer.strategies import build_strategy
 from trainer.strategies.base import StepContext
 
 
+PROJECT = "lowrank-pretrain"  # the trackers' project / experiment name
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed
@@ -89,6 +92,26 @@ def _gather(obj) -> list:
     return out
 
 
+def _trackers(cfg: Config, run: RunDir) -> list:
+    """`logging.trackers` built as Accelerator.init_trackers builds them. Not through
+    Accelerator(log_with=...): that wants the logging directory before the run directory is
+    known. Directory-based trackers write under RUN/<tracker>/ (TensorBoard: RUN/tensorboard/)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    out = []
+    hparams = {f"{section}.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
+               for section, values in cfg.to_dict().items() for k, v in values.items()}
+    for name in cfg.logging.trackers:
+        if name not in {str(t) for t in get_available_trackers()}:
+            raise ConfigError(f"logging.trackers: {name!r} is not installed (pip install {name}), or drop it")
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        tracker = cls(PROJECT, str(run.path / name)) if cls.requires_logging_directory else cls(PROJECT)
+        tracker.start()
+        tracker.store_init_configuration(hparams)
+        out.append(tracker)
+    return out
+
+
 class Trainer:
     """Holds everything one process needs; `fit()` runs the loop."""
 
@@ -125,10 +148,8 @@ class Trainer:
             self.load_state_dict(ckpt.read(resume_from))
             print0(acc, f"resumed from {resume_from} at step {self.state.step}")
 
-        self.tb = None
-        if acc.is_main_process and cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.run.tensorboard))
+        if acc.is_main_process:  # accelerator.log and end_training then reach them
+            acc.trackers += _trackers(cfg, self.run)
         self.dynamics = None
         if cfg.logging.dynamics_every and acc.is_main_process:
             from trainer.dynamics import DynamicsTracker
@@ -178,7 +199,9 @@ class Trainer:
         self.total_params = sum(p.numel() for p in module.parameters())
         self.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         a, c = self.args, self.cfg
-        val_sequences = c.logging.eval_batches * c.data.batch_size
+        # What the val split holds caps eval_batches (trainer/data/loader.py eval_batches).
+        held = (self.data.num_tokens("val") - 1) // c.data.seq_len // c.data.batch_size
+        val_sequences = min(c.logging.eval_batches, held) * c.data.batch_size
         print0(self.accelerator,
                f"model {c.model.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}"
                f"/{a.num_kv_heads}, vocab {a.vocab_size}\n{self.strategy.describe(module)}\n"
@@ -277,10 +300,9 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         self.run.append_metrics(record)
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                                 step=record["step"])
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -324,6 +346,12 @@ class Trainer:
                 self.log({"step": st.step, "tokens": st.tokens, **dyn})
 
             event = self.strategy.after_step(st.step, ctx)
+            if event in ("merge", "rewrap"):  # rare and worth seeing; switches happen most steps
+                note = f"step {st.step}: {event}"
+                if bar is not None:
+                    bar.write(note)
+                else:
+                    print0(acc, note)
             # Ranks are compared after merges and every guard_every steps, not after each
             # switch (most steps early on); the check's time is kept out of the step's.
             guard_every = cfg.distributed.guard_every
@@ -383,8 +411,6 @@ class Trainer:
                 return self.run.path
         if bar is not None:
             bar.close()
-        if self.tb is not None:
-            self.tb.close()
         print0(acc, f"done: {st.step} steps, {st.tokens:,} tokens. Run directory: {self.run.path}")
         return self.run.path
 
