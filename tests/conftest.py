@@ -8,3 +8,8 @@ def lrpt_cache(tmp_path_factory):
     its tests (building the corpus takes seconds; build it at most once per session). Tests
     point `LRPT_CACHE` at it with `monkeypatch.setenv("LRPT_CACHE", str(lrpt_cache))`."""
     return tmp_path_factory.mktemp("lrpt-cache")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--trials", type=int, default=10,
+                     help="kill -9 trials in tests/test_faults.py (a soak: --trials 200; replay one: LRPT_FAULT_SEED)")

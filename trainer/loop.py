@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +24,11 @@ import torch.distributed as dist
 from trainer import checkpoint as ckpt
 from trainer import seeding
 from trainer.comm import CommMeter, record_fields as comm_record_fields
-from trainer.config import Config, save_config
+from trainer.config import Config, load_config, resume_differences, save_config
 from trainer.data import PreparedData, BatchLoader, resolve_dataset
 from trainer.distributed import build_accelerator, check_consistency, prepare
 from trainer.engine import Engine
-from trainer.errors import EXIT_PREEMPTED, ConfigError, NonFiniteLoss, Preempted
+from trainer.errors import EXIT_PREEMPTED, CheckpointError, ConfigError, NonFiniteLoss, Preempted, RunDirError
 from trainer.evaluate import minimal_pairs_record, validation_batches, validation_loss
 from trainer.model import Transformer, model_args
 from trainer.rundir import RunDir, default_run_dir
@@ -44,18 +45,31 @@ class TrainState:
     tokens: int = 0  # tokens consumed by all ranks
     comm_bytes_total: int = 0
     elapsed_s: float = 0.0
+    # The logging window open at a checkpoint: a resume continues it, so the interval that
+    # contains the resume logs the same mean loss as the uninterrupted run.
+    window_loss: float = 0.0
+    window_steps: int = 0
 
 
 class _StopFlag:
-    """SLURM sends SIGUSR1 (or SIGTERM) before killing a job: note it, finish the step."""
+    """SLURM sends SIGUSR1 (or SIGTERM) before killing a job, and a user presses Ctrl-C: note
+    it and finish the step; the loop then checkpoints and exits. A Ctrl-C after that stops at
+    once (the last checkpoint stays the one to resume from)."""
 
     def __init__(self):
         self.raised = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self.name = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.raised:
+            raise KeyboardInterrupt
         self.raised = True
+        self.name = self.name or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("interrupted: finishing this step and writing a checkpoint (Ctrl-C again stops at once)",
+                  file=sys.stderr, flush=True)
 
 
 def print0(accelerator, *args):
@@ -128,13 +142,20 @@ class Trainer:
         name = f"{cfg.strategy.name}-{cfg.model.name}"
         self.run = RunDir(Path(_broadcast_str(cfg.run.dir or str(default_run_dir(name)))).resolve())
         cfg.run.dir = str(self.run.path)
+        # Rank 0 locks and checks the directory before anything in it changes; every rank
+        # learns the outcome, so that a refusal stops them all and not rank 0 alone.
+        opened, failure = {}, None
         if acc.is_main_process:
-            self.run.path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run.config)
-            # The resolved shape, for export, bench, comm and analysis tools.
-            self.run.model_json.write_text(json.dumps(asdict(self.args), indent=1))
-
-        resume_from = ckpt.find_latest(self.run.checkpoints) if cfg.run.resume else None
+            try:
+                opened = self._open_run_dir()
+            except Exception as e:  # noqa: BLE001 - a bug still raises below, after the others are told
+                failure, opened = e, {"error": str(e)}
+        opened = json.loads(_broadcast_str(json.dumps(opened)))
+        if failure is not None:
+            raise failure
+        if "error" in opened:
+            raise RunDirError(opened["error"])
+        resume_from = Path(opened["resume_from"]) if opened["resume_from"] else None
         start_step = ckpt.step_of(resume_from) if resume_from else 0
         # The trainable set of the step we start at, so the engine is built right the first time.
         groups = self.strategy.apply(module, cfg.optimizer.weight_decay, start_step)
@@ -144,9 +165,19 @@ class Trainer:
         self.val_batches = validation_batches(self.data, cfg, self.rank, self.world)
         seeding.seed_rank(cfg.train.seed, self.rank)
         self.state = TrainState()
+        self.resumed_metrics_offset = 0  # a start over redoes every record already there
         if resume_from is not None:
             self.load_state_dict(ckpt.read(resume_from))
             print0(acc, f"resumed from {resume_from} at step {self.state.step}")
+        if opened["changed"]:
+            print0(acc, "resuming with changed settings: " + ", ".join(
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in opened["changed"].items()))
+        if acc.is_main_process and opened["had_records"]:
+            # Marks what a reader must drop: the records written after the checkpoint (view: RunDir.read_metrics).
+            self.run.end_cut_line()
+            self.run.append_metrics({"step": self.state.step, "tokens": self.state.tokens, "event": "resume",
+                                     "from": resume_from.name if resume_from else None,
+                                     "metrics_offset": self.resumed_metrics_offset, "changed": opened["changed"]})
 
         if acc.is_main_process:  # accelerator.log and end_training then reach them
             acc.trackers += _trackers(cfg, self.run)
@@ -156,6 +187,41 @@ class Trainer:
             self.dynamics = DynamicsTracker(every=cfg.logging.dynamics_every)
             self.dynamics.start(self.engine.module, self.state.step)
         self._describe()
+
+    def _open_run_dir(self) -> dict:
+        """Rank 0: lock the run directory and decide how to start in it before touching it.
+        Refuses (RunDirError) a resume whose settings define another run, or whose checkpoints
+        are all unusable; run.resume=false starts over with the old material moved aside."""
+        cfg, run = self.cfg, self.run
+        run.lock()
+        root = run.checkpoints
+        had = bool(ckpt.list_checkpoints(root)) or run.metrics_size() > 0
+        resume_from, changed = None, {}
+        if not cfg.run.resume:
+            if had:
+                print(f"run.resume=false: starting over; the old checkpoints and metrics are in {run.move_aside()}",
+                      flush=True)
+            had = False
+        else:
+            resume_from = ckpt.find_latest(root)
+            if resume_from is None and ckpt.list_checkpoints(root):
+                raise RunDirError(f"{root} holds checkpoints but none is usable ({'; '.join(ckpt.unusable(root))}); "
+                                  f"pass run.resume=false to start over (the old material is moved to "
+                                  f"{run.path}/old-<timestamp>/)")
+            if had and run.config.is_file():
+                refused, changed = resume_differences(load_config(run.config), cfg)
+                if refused:
+                    diffs = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                    raise RunDirError(f"cannot resume {run.path}: these settings define the run and differ from its "
+                                      f"config.yaml: {diffs}; use another run.dir, or run.resume=false to start over")
+        ckpt.check_writable(root)
+        save_config(cfg, run.config)
+        # The resolved shape, for export, bench, comm and analysis tools.
+        tmp = run.model_json.with_name(".model.json.tmp")
+        tmp.write_text(json.dumps(asdict(self.args), indent=1))
+        tmp.replace(run.model_json)
+        return {"resume_from": str(resume_from) if resume_from else None, "had_records": run.metrics_size() > 0,
+                "changed": {k: list(v) for k, v in changed.items()}}
 
     def _build_model(self) -> Transformer:
         cfg = self.cfg
@@ -224,7 +290,8 @@ class Trainer:
         for name, p in module.named_parameters():
             model_state[name] = self.engine.read_param(p).cpu()
         trainer_state = {"state": asdict(self.state), "data": self.loader.state_dict(),
-                         "strategy": self.strategy.state_dict(), "rng": _gather(seeding.global_state())}
+                         "strategy": self.strategy.state_dict(), "rng": _gather(seeding.global_state()),
+                         "metrics_offset": self.run.metrics_size()}  # rank 0's, the one saved
         return {"model.pt": model_state, "optimizer.pt": self.engine.optimizer_state_dict(),
                 "trainer.pt": trainer_state}
 
@@ -246,12 +313,23 @@ class Trainer:
         if len(rng) == self.world:
             seeding.set_global_state(rng[self.rank])
         self.state = TrainState(**t["state"])
+        self.resumed_metrics_offset = t.get("metrics_offset")  # None: an older checkpoint, cut by step
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()
+        failure = None
         if self.accelerator.is_main_process:
-            ckpt.save(self.run.checkpoints, self.state.step, state, self.cfg.checkpoint.keep)
-        self.accelerator.wait_for_everyone()
+            try:
+                ckpt.save(self.run.checkpoints, self.state.step, state, self.cfg.checkpoint.keep)
+            except CheckpointError as e:
+                failure = e
+        # Also the barrier: every rank learns that the write failed (disk full, read-only) and
+        # stops with the same line, instead of waiting for rank 0 until the timeout.
+        problem = _broadcast_str(str(failure or ""))
+        if failure is not None:
+            raise failure
+        if problem:
+            raise CheckpointError(problem)
 
     # -- one optimizer step ------------------------------------------------------------------
     def _set_lr(self, step: int) -> float:
@@ -313,7 +391,7 @@ class Trainer:
         if acc.is_main_process and cfg.logging.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
-        window_loss, window_steps, window_t0 = 0.0, 0, time.perf_counter()
+        window_loss, window_steps, window_t0 = st.window_loss, st.window_steps, time.perf_counter()
         window_guard_s = 0.0  # rank checks in this window: timed apart, not training
         if st.step == 0:
             val_sequences = int(_all_reduce_sum([sum(len(x) for x, _ in self.val_batches)], acc.device)[0])
@@ -399,13 +477,15 @@ class Trainer:
             preempted = n_stop > 0
             stopping = preempted or st.step == cfg.train.stop_at
             if st.step % cfg.checkpoint.every == 0 or last or stopping:
+                st.window_loss, st.window_steps = window_loss, window_steps
                 self.save_checkpoint()
             if stopping:
                 if bar is not None:
                     bar.close()
                 self.log({"step": st.step, "tokens": st.tokens, "event": "preempt" if preempted else "stop"})
                 if preempted:
-                    print0(acc, f"preempted: checkpoint written at step {st.step}; exiting {EXIT_PREEMPTED}")
+                    print0(acc, f"stopped on {stop.name or 'a signal to another rank'}: checkpoint written at step "
+                                f"{st.step}; exiting {EXIT_PREEMPTED} (run the same command to resume)")
                     raise Preempted(str(self.run.path))
                 print0(acc, f"stopped at train.stop_at={st.step}; run directory: {self.run.path}")
                 return self.run.path
