@@ -180,8 +180,8 @@ def draw_trials(n: int, seed: int) -> list[Trial]:
         where = POINTS[i] if i < len(POINTS) else rng.choice(POINTS)
         if where == "merge":
             strategy, step = "relora", rng.choice([3, 6])
-        elif where == "switch":  # early: later steps (a decaying rate) may switch in one layer only
-            strategy, step = "switchlora", rng.randint(1, 3)
+        elif where == "switch":  # steps 1-2 switch in many layers; from 3 on (a decaying rate) in one only
+            strategy, step = "switchlora", rng.randint(1, 2)
         elif where in CHECKPOINT_POINTS:
             strategy, step = rng.choice(list(STRATEGIES)), rng.choice([2, 4, 6, 8])
         elif where == "log":  # the steps that log (log_every=3, and the last)
