@@ -47,9 +47,53 @@ def merged_state_dict(state_dict: dict) -> dict:
     return out
 
 
+class _FusedLowRank(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T from one buffer `wa` whose rows are [W; A].
+
+    Forward: one GEMM x [W; A]^T reads x once for both products. Backward: W's weight
+    gradient is never formed (W is frozen); dX = [dY, s dY B] [W; A] is one GEMM, and dA
+    reads x once more. Only x, h = x A^T (N x r) and the buffer are saved."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, wa, A, B, scale: float, n_out: int):
+        x2 = x.reshape(-1, x.shape[-1])
+        both = x2 @ wa.t()
+        y, h = both[:, :n_out], both[:, n_out:]
+        out = torch.addmm(y, h, B.t(), alpha=scale)
+        ctx.save_for_backward(x2, wa, B, h)
+        ctx.scale, ctx.n_out, ctx.x_shape = scale, n_out, x.shape
+        return out.view(*x.shape[:-1], n_out)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):
+        x2, wa, B, h = ctx.saved_tensors
+        s = ctx.scale
+        g = dy.reshape(-1, ctx.n_out)
+        gb = (g @ B.to(g.dtype)).mul_(s)  # s dY B, N x r
+        dx = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = (torch.cat([g, gb.to(g.dtype)], dim=1) @ wa.to(g.dtype)).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            dA = gb.t() @ x2.to(gb.dtype)
+        if ctx.needs_input_grad[3]:
+            dB = (g.t() @ h.to(g.dtype)).mul_(s)
+        return dx, None, dA, dB, None, None
+
+
 class LoRALinear(nn.Module):
     """y = x W^T + s (dropout(x) A^T) B^T. Replaces an nn.Linear in place (same name, and the
     same `weight` Parameter object, so no copy and no device change).
+
+    W and A are row blocks of one buffer `_wa` ([W; A]) so that the fused path reads x once
+    for both; the Parameters stay the same objects and their `.data` are views into it, so
+    in-place edits (merges, switches, checkpoint loads: `p.copy_`) reach the buffer with no
+    copy per step. Something that re-points `.data` breaks that alias: a device move
+    re-points W (the buffer is rebuilt on the next forward), and DeepSpeed flattens the
+    trainable A into its own buffer (then A's rows are copied in before each forward, r rows,
+    so a stale copy is never trained). Dropout, a trainable W (ReLoRA's warm start) and W
+    managed by ZeRO-3 take the plain path.
 
     `lora_scale` is a persistent buffer so that a checkpoint describes itself: anything that
     reads one (export, analysis) merges as W + lora_scale * B @ A without the run's config.
@@ -64,11 +108,57 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.register_buffer("lora_scale", torch.tensor(float(scale), dtype=torch.float32, device=w.device))
+        self.scale = float(scale)  # a Python float: no host read of lora_scale per forward
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._wa: torch.Tensor | None = None  # not a registered buffer: no state_dict entry, no DDP broadcast
+        self._a_aliased = False
+        if not w.is_meta:
+            self.fuse()
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """(Re)build [W; A] from the current values and point W (and A, where it is a tensor
+        of its own, not a view into an engine's flat buffer) at its rows."""
+        W, A = self.weight, self.lora_A
+        wa = torch.empty(self.out_features + self.rank, self.in_features, device=W.device, dtype=W.dtype)
+        wa[:self.out_features].copy_(W)
+        wa[self.out_features:].copy_(A)
+        W.data = wa[:self.out_features]
+        if A.dtype == W.dtype and A.device == W.device and A.untyped_storage().nbytes() == A.numel() * A.element_size():
+            A.data = wa[self.out_features:]
+        self._wa = wa
+        self._a_aliased = A.data_ptr() == wa[self.out_features:].data_ptr()
+
+    def _fused_buffer(self) -> torch.Tensor | None:
+        """[W; A] with current values, or None where the plain path must run."""
+        W, A = self.weight, self.lora_A
+        if W.requires_grad or isinstance(self.dropout, nn.Dropout) or hasattr(W, "ds_id") or W.is_meta:
+            return None
+        if torch.compiler.is_compiling():
+            # Aliases are checked in eager mode (refresh_fused after the engine is built:
+            # only a wrapper re-points .data); a data_ptr in the graph would break it at
+            # every layer. A not aliased (ZeRO) would need a copy in the graph: plain path.
+            return self._wa if self._a_aliased else None
+        wa = self._wa
+        if wa is None or W.data_ptr() != wa.data_ptr() or W.device != wa.device or W.dtype != wa.dtype:
+            self.fuse()
+            wa = self._wa
+        rows = wa[self.out_features:]
+        self._a_aliased = A.data_ptr() == rows.data_ptr() and A.dtype == rows.dtype
+        if not self._a_aliased:
+            with torch.no_grad():
+                rows.copy_(A)
+        return wa
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wa = self._fused_buffer()
+        if wa is not None and (x.dtype == wa.dtype or torch.is_autocast_enabled(x.device.type)):
+            out = _FusedLowRank.apply(x, wa, self.lora_A, self.lora_B, self.scale, self.out_features)
+            return out if self.bias is None else out + self.bias
+        W = self.weight if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type) \
+            else self.weight.to(x.dtype)  # a bf16 frozen W under fp32 compute
         # A 0-dim scale does not promote a bf16 activation under autocast.
-        return F.linear(x, self.weight, self.bias) + self.lora_scale * F.linear(
+        return F.linear(x, W, self.bias) + self.lora_scale * F.linear(
             F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     @torch.no_grad()
@@ -77,7 +167,16 @@ class LoRALinear(nn.Module):
         return merge(self.weight, self.lora_A, self.lora_B, self.lora_scale)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={float(self.lora_scale):g}"
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"
+
+
+def refresh_fused(model: nn.Module) -> None:
+    """Check (and rebuild) every fused buffer once in eager mode, after an engine may have
+    moved or re-pointed parameters: a compiled graph trusts them afterwards."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m._fused_buffer()
 
 
 def wrap_linears(model: nn.Module, targets, rank: int, scale: float, dropout: float) -> list[tuple[str, LoRALinear]]:
@@ -122,6 +221,14 @@ def set_trainable(model: nn.Module, cfg, *, adapters: bool, wrapped_weights: boo
         else:
             flag = True
         p.requires_grad_(flag)
+    frozen = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(cfg, "frozen_dtype", "fp32")]
+    for m in model.modules():
+        if isinstance(m, LoRALinear) and not m.weight.requires_grad and m.weight.dtype != frozen \
+                and not m.weight.is_meta:
+            # A frozen W changes only by merges and switches, which add in fp32 (read_param)
+            # and round once when stored back (write_param): bf16 halves its memory.
+            m.weight.data = m.weight.data.to(frozen)
+            m.fuse()
 
 
 class LoRA(Strategy):
