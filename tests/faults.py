@@ -33,10 +33,11 @@ from trainer.config import load_config
 from trainer.loop import train
 from trainer.rundir import RunDir
 
-# Small and fast: a few steps, checkpoints and log windows that straddle each other.
+# Small and fast: a few steps; checkpoints (3, 6, 8) inside log windows (2, 4, 6, 8), so that
+# a resume continues a window, and a kill can leave whole records after the checkpoint.
 BASE = ["model.name=micro", "data.seq_len=32", "data.batch_size=4", "data.embedded_sentences=2000",
-        "data.embedded_vocab=300", "logging.log_every=3", "logging.eval_every=0", "logging.eval_batches=1",
-        "logging.progress=false", "logging.tensorboard=false", "schedule.warmup_steps=2", "checkpoint.every=2",
+        "data.embedded_vocab=300", "logging.log_every=2", "logging.eval_every=0", "logging.eval_batches=1",
+        "logging.progress=false", "logging.tensorboard=false", "schedule.warmup_steps=2", "checkpoint.every=3",
         "checkpoint.keep=2", "train.max_steps=8"]
 STRATEGIES = {
     "full": ["strategy.name=full"],
@@ -183,9 +184,9 @@ def draw_trials(n: int, seed: int) -> list[Trial]:
         elif where == "switch":  # steps 1-2 switch in many layers; from 3 on (a decaying rate) in one only
             strategy, step = "switchlora", rng.randint(1, 2)
         elif where in CHECKPOINT_POINTS:
-            strategy, step = rng.choice(list(STRATEGIES)), rng.choice([2, 4, 6, 8])
-        elif where == "log":  # the steps that log (log_every=3, and the last)
             strategy, step = rng.choice(list(STRATEGIES)), rng.choice([3, 6, 8])
+        elif where == "log":  # the steps that log
+            strategy, step = rng.choice(list(STRATEGIES)), rng.choice([2, 4, 6, 8])
         else:
             strategy, step = rng.choice(list(STRATEGIES)), rng.randint(1, 8)
         out.append(Trial(strategy, f"{where}@{step}"))

@@ -54,8 +54,8 @@ def test_kill9_at_seeded_points_resumes_exactly(reference, tmp_path, request):
 
 
 def test_each_damaged_checkpoint_file_falls_back_and_resumes_exactly(reference, tmp_path):
-    """Checkpoints at 4 and 6; each file of step 6 truncated, flipped or deleted in turn: the
-    resume falls back to step 4 and still rebuilds the uninterrupted curve."""
+    """Checkpoints at 3 and 6; each file of step 6 truncated, flipped or deleted in turn: the
+    resume falls back to step 3 and still rebuilds the uninterrupted curve."""
     base = tmp_path / "base"
     faults.run("full", base, "train.stop_at=6")
     for name in ("model.pt", "optimizer.pt", "trainer.pt", "meta.json"):
@@ -73,7 +73,7 @@ def test_each_damaged_checkpoint_file_falls_back_and_resumes_exactly(reference, 
             with pytest.warns(UserWarning, match="step_0000006 is unusable"):
                 faults.run("full", d)
             resume = [r for r in RunDir(d).read_raw_metrics() if r.get("event") == "resume"]
-            assert [r["from"] for r in resume] == ["step_0000004"], (name, damage)
+            assert [r["from"] for r in resume] == ["step_0000003"], (name, damage)
             assert faults.curve(d) == faults.curve(reference["full"]), (name, damage)
 
 
@@ -119,24 +119,24 @@ def test_resume_with_changed_settings(reference, tmp_path, capsys):
         assert code == 2 and len(err) == 1 and shown in err[0] and "define the run" in err[0], (bad, err)
         assert snapshot(d) == before, bad  # config.yaml, model.json, metrics, checkpoints untouched
     # Settings that may change are recorded with the resume; the curve up to max_steps=8 is the same.
-    code, err = cli(capsys, *faults.overrides("relora", d, "train.max_steps=8", "checkpoint.every=3"))
+    code, err = cli(capsys, *faults.overrides("relora", d, "train.max_steps=8", "checkpoint.every=4"))
     assert code == 0, err
     resume = [r for r in RunDir(d).read_raw_metrics() if r.get("event") == "resume"]
     assert resume == [{"step": 4, "tokens": 512, "event": "resume", "from": "step_0000004",
                        "metrics_offset": resume[0]["metrics_offset"],
-                       "changed": {"checkpoint.every": [2, 3], "train.stop_at": [4, 0]}}]
-    assert "every: 3" in (d / "config.yaml").read_text()
+                       "changed": {"checkpoint.every": [3, 4], "train.stop_at": [4, 0]}}]
+    assert "every: 4" in (d / "config.yaml").read_text()
     assert faults.curve(d) == faults.curve(reference["relora"])
 
 
 def test_interval_containing_the_resume_logs_the_uninterrupted_mean(reference, tmp_path):
-    """log_every=3, checkpoints every 2: the run stops at 4, inside the 4-6 window."""
+    """log_every=2, checkpoints every 3: the run stops at 3, inside the 3-4 window."""
     d = tmp_path / "r"
-    faults.run("full", d, "train.stop_at=4")
+    faults.run("full", d, "train.stop_at=3")
     faults.run("full", d)
-    assert faults.losses(d) == faults.losses(reference["full"])  # step 6 included: 4 before, 5-6 after
+    assert faults.losses(d) == faults.losses(reference["full"])  # step 4 included: 3 before, 4 after
     raw = [r["step"] for r in RunDir(d).read_raw_metrics() if "event" in r]
-    assert raw == [4, 4]  # stop, resume
+    assert raw == [3, 3]  # stop, resume
     assert faults.curve(d) == faults.curve(reference["full"])
 
 
@@ -148,7 +148,7 @@ def test_no_usable_checkpoint_refuses_unless_starting_over(reference, tmp_path, 
     before = snapshot(d)
     with pytest.warns(UserWarning, match="unusable"):
         code, err = cli(capsys, *faults.overrides("full", d))
-    assert code == 2 and len(err) == 1 and "none is usable (step_0000002: model.pt checksum mismatch" in err[0], err
+    assert code == 2 and len(err) == 1 and "none is usable (step_0000003: model.pt checksum mismatch" in err[0], err
     assert "run.resume=false" in err[0] and snapshot(d) == before
     code, err = cli(capsys, *faults.overrides("full", d, "run.resume=false"))
     assert code == 0, err
@@ -174,16 +174,16 @@ def test_disk_full_during_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch
     d = tmp_path / "r"
     real = ckpt._fsync_write
 
-    def write(path, data):  # the disk fills up half-way through step 4's model.pt
-        if path.parent.name == ".tmp-step_0000004" and path.name == "model.pt":
+    def write(path, data):  # the disk fills up half-way through step 6's model.pt
+        if path.parent.name == ".tmp-step_0000006" and path.name == "model.pt":
             path.write_bytes(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
     monkeypatch.setattr(ckpt, "_fsync_write", write)
     code, err = cli(capsys, *faults.overrides("full", d))
     assert code == 1 and len(err) == 1, err
-    assert "no space left on the device" in err[0] and "it needs" in err[0] and "still step_0000002" in err[0]
-    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["latest", "step_0000002"]
+    assert "no space left on the device" in err[0] and "it needs" in err[0] and "still step_0000003" in err[0]
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["latest", "step_0000003"]
 
 
 def test_read_only_checkpoints_refuse_at_start(tmp_path, capsys):
@@ -306,7 +306,7 @@ def test_rank_killed_mid_checkpoint_the_other_exits_in_time_and_restart_is_exact
     pair = ["train.max_steps=6", "logging.log_every=1", "distributed.timeout_s=10"]
     ref = launch_pair(tmp_path / "ref", free_port(), *pair)
     run = tmp_path / "run"
-    procs = launch_pair(run, free_port(), *pair, env={"LRPT_TEST_PAUSE": "before_rename@4"})
+    procs = launch_pair(run, free_port(), *pair, env={"LRPT_TEST_PAUSE": "before_rename@6"})
     marker = run / "checkpoints" / ".paused"
     deadline = time.time() + 240
     while not marker.exists():
@@ -319,7 +319,7 @@ def test_rank_killed_mid_checkpoint_the_other_exits_in_time_and_restart_is_exact
     assert code != 0 and survivor_s < 10 + 20, (code, survivor_s)
     assert [p.wait(timeout=240) for p in ref] == [0, 0], (tmp_path / "ref-rank0.log").read_text()[-3000:]
     marker.unlink()
-    assert ckpt.step_of(ckpt.find_latest(run / "checkpoints")) == 2
+    assert ckpt.step_of(ckpt.find_latest(run / "checkpoints")) == 3
     codes = [p.wait(timeout=240) for p in launch_pair(run, free_port(), *pair)]
     assert codes == [0, 0], (run.parent / "run-rank0.log").read_text()[-3000:]
     assert faults.curve(run) == faults.curve(tmp_path / "ref")
