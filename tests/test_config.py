@@ -104,5 +104,5 @@ def test_relora_that_never_merges_warns_once():
 def test_removed_keys_in_an_older_runs_config_are_ignored(tmp_path):
     old = tmp_path / "config.yaml"
     old.write_text("train:\n  compile: false\n  max_steps: 7\ndata:\n  num_workers: 0\n")
-    with pytest.warns(UserWarning, match="'train.compile' was removed"):
+    with pytest.warns(UserWarning, match="'data.num_workers' was removed"):
         assert load_config(old).train.max_steps == 7

@@ -92,6 +92,9 @@ class StrategyConfig:
     switch_ratio: float = 0.1  # switching rate decays as 0.3 ** ((t+1) / (ratio * T))
     switch_decay_base: float = 0.3
     freeze_steps: int = 5  # counterpart vector frozen this many steps after a switch
+    # Storage of the frozen W of wrapped layers: fp32 | bf16 (half its memory; merges and
+    # switches still add in fp32 and round once when stored back, see docs/LOG.md).
+    frozen_dtype: str = "fp32"
 
 
 @dataclass
@@ -102,6 +105,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     stop_at: int = 0  # stop with a checkpoint after this step (time-sliced jobs); 0 = run to max_steps
+    compile: bool = False  # torch.compile the model (in place, after the strategy wraps it); merges don't recompile
+    # Recompute each decoder block in backward (torch.utils.checkpoint): activation memory
+    # of one block instead of all, for about one more forward pass.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -230,7 +237,7 @@ def _nest(dotted: str, value) -> dict:
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 # Keys that did nothing and were removed: the config.yaml of older runs still holds them.
-RETIRED = ("data.num_workers", "train.compile")
+RETIRED = ("data.num_workers",)
 
 
 def apply_dict(obj, data: dict, prefix: str = "") -> set[str]:
@@ -342,6 +349,7 @@ def _validate(c: Config) -> None:
     for t in c.logging.trackers:
         one_of("logging.trackers", t, TRACKERS)
     one_of("strategy.name", c.strategy.name, sorted(STRATEGIES))
+    one_of("strategy.frozen_dtype", c.strategy.frozen_dtype, ["fp32", "bf16"])
     for t in c.strategy.targets:  # names, like model.name: wrong whichever strategy is chosen
         one_of("strategy.targets", t, list(PROJECTIONS))
     check(c.train.max_steps > 0, "train.max_steps", c.train.max_steps, "> 0")
@@ -392,7 +400,8 @@ def save_config(cfg: Config, path: Path) -> None:
 # Keys a resume may change: when and how long to train, what to log and keep, how ranks talk,
 # and stateless step-size knobs. Every other key defines the run (model, strategy, data,
 # batch geometry, seed, Adam's betas and eps, sync mode): changing it mixes two runs.
-RESUMABLE = ("run.", "train.max_steps", "train.stop_at", "train.device", "train.precision", "logging.",
+RESUMABLE = ("run.", "train.max_steps", "train.stop_at", "train.device", "train.precision", "train.compile",
+             "train.activation_checkpointing", "logging.",
              "checkpoint.", "distributed.timeout_s", "distributed.guard_every", "distributed.deepspeed",
              "optimizer.lr", "optimizer.grad_clip", "optimizer.weight_decay", "schedule.")
 

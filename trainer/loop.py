@@ -11,7 +11,6 @@ the engine adapter hides where the master weights live. The Trainer is itself ch
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import time
@@ -34,6 +33,7 @@ from trainer.model import Transformer, model_args
 from trainer.rundir import RunDir, default_run_dir
 from trainer.strategies import build_strategy
 from trainer.strategies.base import StepContext
+from trainer.strategies.lora import refresh_fused
 
 
 PROJECT = "lowrank-pretrain"  # the trackers' project / experiment name
@@ -90,8 +90,10 @@ def _broadcast_str(value: str) -> str:
     return box[0]
 
 
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _all_reduce_sum(values: list, device) -> list[float]:
+    """Sum over ranks of numbers or 0-dim device tensors, as one tensor and one collective;
+    the final `tolist` is the one host read."""
+    t = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
     if _distributed():
         dist.all_reduce(t)
     return t.tolist()
@@ -240,10 +242,17 @@ class Trainer:
         return module
 
     def _build_engine(self, module, groups) -> None:
+        module.activation_checkpointing = self.cfg.train.activation_checkpointing
+        if self.cfg.train.compile and not getattr(module, "_lrpt_compiled", False):
+            # In place (Module.compile): the same module, names and parameters for the
+            # engine, checkpoints and strategies; compiled after the strategy wrapped it.
+            module.compile()
+            module._lrpt_compiled = True
         optimizer = self.strategy.make_optimizer(groups, self.cfg.optimizer)
         self.base_lrs = [g.get("lr", self.cfg.optimizer.lr) for g in optimizer.param_groups]
         self.model, self.optimizer = prepare(self.accelerator, module, optimizer)
         self.engine = Engine(self.accelerator, self.model, self.optimizer)
+        refresh_fused(self.engine.module)  # prepare may have moved or re-pointed weights
         self.comm = CommMeter(self.engine)
 
     def _rewrap(self, step: int) -> None:
@@ -338,16 +347,17 @@ class Trainer:
             group["lr"] = base * mult
         return self.base_lrs[0] * mult
 
-    def _train_step(self, step: int) -> tuple[float, dict]:
+    def _train_step(self, step: int) -> tuple[torch.Tensor, dict]:
         """Accumulate `grad_accum` micro-batches and step once. Accelerate's `accumulate`
         skips the gradient all-reduce on all but the last micro-batch (DDP no_sync; DeepSpeed
         counts micro-batches itself), so gradients cross the network once per step."""
         acc, cfg = self.accelerator, self.cfg
         self.model.train()
-        loss_sum, dyn = 0.0, {}
+        # The mean loss stays on the device: a host read per micro-batch would wait for the
+        # device each time; fit() reads it once per step, in its all-reduce.
+        loss_sum, dyn = torch.zeros((), device=acc.device), {}
         for _ in range(cfg.train.grad_accum):
-            x, y = self.loader.next_batch()
-            x, y = x.to(acc.device), y.to(acc.device)
+            x, y = self.loader.next_batch_to(acc.device)
             with acc.accumulate(self.model), acc.autocast():
                 loss = self.model(x, y)
                 acc.backward(loss)
@@ -358,7 +368,7 @@ class Trainer:
                     # Gradients still present, strategy edits (merges) not yet applied.
                     dyn = self.dynamics.record(self.engine.module, step, force=step == cfg.train.max_steps)
                 self.optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float().item()
+            loss_sum += loss.detach().float()
         return loss_sum / cfg.train.grad_accum, dyn
 
     # -- evaluation and records --------------------------------------------------------------
@@ -411,11 +421,12 @@ class Trainer:
             st.tokens += self.tokens_per_step
             # One tiny all-reduce per step: the global mean loss, and whether any rank saw a
             # preemption signal or a non-finite loss, so that all ranks stop together.
+            bad = ~torch.isfinite(loss)
             loss_sum, n_stop, n_bad = _all_reduce_sum(
-                [loss if math.isfinite(loss) else 0.0, float(stop.raised), float(not math.isfinite(loss))], acc.device)
+                [torch.where(bad, 0.0, loss), float(stop.raised), bad], acc.device)
             if n_bad:
                 last = ckpt.find_latest(self.run.checkpoints)
-                raise NonFiniteLoss(f"loss became {loss} at step {st.step} (lr {lr:.3g}); stopped without saving. "
+                raise NonFiniteLoss(f"loss became {loss.item()} at step {st.step} (lr {lr:.3g}); stopped without saving. "
                                     f"Last good checkpoint: {last or 'none'}. Lower optimizer.lr or raise "
                                     f"schedule.warmup_steps, then resume.")
             window_loss += loss_sum / self.world

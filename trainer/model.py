@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from trainer.shapes import SIZES, ModelArgs, model_args  # noqa: F401  (re-exported for callers)
 
@@ -92,6 +93,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Recompute each block in backward instead of keeping its activations (the trainer
+        # sets it from train.activation_checkpointing).
+        self.activation_checkpointing = False
         cos, sin = rope_tables(args)
         # Not persistent: recomputed from the config, so checkpoints hold only learned weights.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -110,7 +114,12 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed_tokens(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: works with parameters only some of which train, and replays
+                # the RNG state so dropout masks match in the recomputation.
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits

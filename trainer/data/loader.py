@@ -174,6 +174,7 @@ class BatchLoader:
                 f"(batch_size {batch_size} x world_size {world_size}): use more data or smaller batches")
         self.position = 0
         self._perm_epoch, self._perm = -1, None
+        self._ahead = None  # (position, x, y): the next batch, already on its way to the device
 
     @property
     def epoch(self) -> int:
@@ -196,6 +197,32 @@ class BatchLoader:
         self.position += 1
         return _to_xy([_window(self.tokens, int(i), self.seq_len) for i in ids])
 
+    def next_batch_to(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """next_batch() on `device`; the batch after it is read, pinned and its copy issued
+        before this one is returned, so that on a GPU its host work and transfer overlap the
+        compute already queued. `position` still counts the batches returned: the state is
+        exact for resume (a prefetched batch is simply prepared again)."""
+        import torch
+        device = torch.device(device)
+        if self._ahead is not None and self._ahead[0] == self.position:
+            x, y = self._ahead[1:]
+            self.position += 1
+        else:
+            x, y = self._send(self.next_batch(), device)
+        self._ahead = (self.position, *self._send(self._peek(), device))
+        return x, y
+
+    def _peek(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.next_batch()
+        self.position -= 1
+        return batch
+
+    @staticmethod
+    def _send(batch, device):
+        if device.type != "cuda":
+            return tuple(t.to(device) for t in batch)
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "seq_len": self.seq_len,
                 "global_batch": self.global_batch, "num_sequences": self.num_sequences}
@@ -205,6 +232,7 @@ class BatchLoader:
             if key in state and state[key] != getattr(self, key):
                 raise DataError(f"loader state has {key}={state[key]}, this loader {getattr(self, key)}: "
                                 f"resuming on different data or settings would not continue the same order")
+        self._ahead = None
         old_batch = state.get("global_batch", self.global_batch)
         if old_batch == self.global_batch:
             self.position = int(state["position"])
