@@ -149,7 +149,7 @@ def _probe_main(argv: list[str]) -> int:
                     cur["purpose"].pop()
         return wrapper
 
-    train_step, next_batch, check = loop.Trainer._train_step, BatchLoader.next_batch, loop.check_consistency
+    train_step, next_batch, check = loop.Trainer._train_step, BatchLoader.next_batch_to, loop.check_consistency
 
     def probed_train_step(self, step):
         with lock:
@@ -161,10 +161,10 @@ def _probe_main(argv: list[str]) -> int:
                 out["steps"].append(cur["rec"])
                 cur["rec"] = None
 
-    def probed_next_batch(self):
+    def probed_next_batch(self, device):  # the loop's call per micro-batch (the loader prefetches)
         with lock:
             cur["micro"] += 1
-        return next_batch(self)
+        return next_batch(self, device)
 
     def probed_check(engine, step):
         check(engine, step)  # raises ConsistencyError on any difference
@@ -182,7 +182,7 @@ def _probe_main(argv: list[str]) -> int:
         out["pops"].append({"probe": mine, "meter": popped})
         return popped
 
-    loop.Trainer._train_step, BatchLoader.next_batch, loop.check_consistency = (
+    loop.Trainer._train_step, BatchLoader.next_batch_to, loop.check_consistency = (
         within("sync", probed_train_step), probed_next_batch, probed_check)
     loop.build_accelerator, loop.prepare = within("startup", loop.build_accelerator), within("startup", loop.prepare)
     comm.CommMeter.pop = probed_pop

@@ -221,13 +221,14 @@ def set_trainable(model: nn.Module, cfg, *, adapters: bool, wrapped_weights: boo
         else:
             flag = True
         p.requires_grad_(flag)
-    frozen = {"fp32": torch.float32, "bf16": torch.bfloat16}[getattr(cfg, "frozen_dtype", "fp32")]
+    if getattr(cfg, "frozen_dtype", "fp32") != "bf16":  # fp32: W keeps the model's dtype
+        return
     for m in model.modules():
-        if isinstance(m, LoRALinear) and not m.weight.requires_grad and m.weight.dtype != frozen \
+        if isinstance(m, LoRALinear) and not m.weight.requires_grad and m.weight.dtype != torch.bfloat16 \
                 and not m.weight.is_meta:
             # A frozen W changes only by merges and switches, which add in fp32 (read_param)
             # and round once when stored back (write_param): bf16 halves its memory.
-            m.weight.data = m.weight.data.to(frozen)
+            m.weight.data = m.weight.data.to(torch.bfloat16)
             m.fuse()
 
 

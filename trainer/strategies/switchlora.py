@@ -23,9 +23,12 @@ Algorithm (s = 1 / r, T = max_steps):
 Memory. The reference keeps both pools as dense tensors in CPU memory from the start, about
 1.5x all wrapped weights. Here a candidate that never trained is a pure function of (seed,
 layer, slot) and is redrawn when taken; only vectors that were switched out are stored (CPU,
-fp32). `candidate_memory()` reports the store. Its bound, reached once every slot of a pool
-has been used, is (min(m, n) - r) (m + n) floats per layer: the reference's pools less the r
-vectors in use; with the paper's decay the pools fill within the first few thousand steps.
+bf16: a vector that comes back is rounded, but W absorbs exactly the difference between the
+vector leaving and the one placed, so the network's function is unchanged at every switch
+either way). `candidate_memory()` reports the store. Its bound, reached once every slot of a
+pool has been used, is (min(m, n) - r) (m + n) bf16 values per layer: the reference's pools
+(fp32) less the r vectors in use; with the paper's decay the pools fill within the first few
+thousand steps.
 
 Every draw (initial vectors, candidates, rounding, which vectors switch) comes from
 seeded_generator(seed, step or slot, layer, purpose): all ranks make identical switches with
@@ -60,6 +63,9 @@ def init_bounds(in_features: int, out_features: int, rank: int) -> tuple[float, 
     return math.sqrt(3) * std_a, math.sqrt(3) * std_b
 
 
+STORE_DTYPE = torch.bfloat16  # switched-out vectors: see "Memory" above
+
+
 class VectorPool:
     """One layer's candidates for A's rows (or B's columns): `size` slots, `rank` of them in
     use. Slot j holds either its fresh candidate (never used: redrawn from the seed when
@@ -70,7 +76,7 @@ class VectorPool:
         self.seed, self.layer, self.purpose = seed, layer, purpose
         self.slots = list(range(rank))  # slot held by vector i
         self.free = deque(range(rank, size))  # next candidate first
-        self.store: dict[int, torch.Tensor] = {}  # slot -> trained vector (CPU, fp32)
+        self.store: dict[int, torch.Tensor] = {}  # slot -> trained vector (CPU, STORE_DTYPE)
         self.frozen_until = [0] * rank  # vector i is frozen while step < frozen_until[i]
 
     def fresh(self, slot: int) -> torch.Tensor:
@@ -86,9 +92,9 @@ class VectorPool:
     def switch(self, i: int, current: torch.Tensor) -> torch.Tensor:
         """Vector i takes the next candidate; its current value goes to the back of the pool."""
         new_slot = self.free.popleft()
-        new = self.store.pop(new_slot) if new_slot in self.store else self.fresh(new_slot)
+        new = self.store.pop(new_slot).float() if new_slot in self.store else self.fresh(new_slot)
         old_slot = self.slots[i]
-        self.store[old_slot] = current.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+        self.store[old_slot] = current.detach().to("cpu", STORE_DTYPE).clone(memory_format=torch.contiguous_format)
         self.free.append(old_slot)
         self.slots[i] = new_slot
         return new
@@ -104,7 +110,7 @@ class VectorPool:
         self.slots = [int(x) for x in state["slots"]]
         self.free = deque(int(x) for x in state["free"])
         self.frozen_until = [int(x) for x in state["frozen_until"]]
-        self.store = {int(k): v.to("cpu", torch.float32) for k, v in state["store"].items()}
+        self.store = {int(k): v.to("cpu", STORE_DTYPE) for k, v in state["store"].items()}
 
 
 class SwitchLoRA(LoRA):
@@ -270,7 +276,7 @@ def _choose(eligible: list[int], k: int, g: torch.Generator) -> list[int]:
     return sorted(eligible[j] for j in pick)
 
 
-def pool_memory(shapes, rank: int, bytes_per: int = 4) -> dict:
+def pool_memory(shapes, rank: int, bytes_per: int = 4, store_bytes: int = 2) -> dict:
     """Candidate memory for wrapped layers of (in, out) shapes, without building anything:
     `bound_bytes`, the most this implementation stores (every slot trained and switched out);
     `reference_bytes`, the reference's dense pools (min(m, n) vectors per side, from step 0);
@@ -280,7 +286,7 @@ def pool_memory(shapes, rank: int, bytes_per: int = 4) -> dict:
         size = min(n, m)
         weights += n * m * bytes_per
         reference += size * (n + m) * bytes_per
-        bound += max(0, size - rank) * (n + m) * bytes_per
+        bound += max(0, size - rank) * (n + m) * store_bytes
     return dict(bound_bytes=bound, reference_bytes=reference, weight_bytes=weights)
 
 
