@@ -83,11 +83,14 @@ def analytic_from_config(cfg, world_size: int | None = None, run_dir=None) -> di
     full_kw = dict(grad_accum=cfg.train.grad_accum, total_bytes=b["base_bytes"])
     return dict(model=cfg.model.name, strategy=cfg.strategy.name, rank=cfg.strategy.rank, world_size=n,
                 engine=engine, **b,
-                analytic_bytes_per_step=analytic_bytes_per_step(b["trainable_bytes"], n, engine, **kw),
-                analytic_wire_bytes_per_step=analytic_wire_bytes_per_step(b["trainable_bytes"], n, engine, **kw),
-                # Full rank: the same model without adapters, every weight trainable.
-                full_rank_bytes_per_step=analytic_bytes_per_step(b["base_bytes"], n, engine, **full_kw),
-                full_rank_wire_bytes_per_step=analytic_wire_bytes_per_step(b["base_bytes"], n, engine, **full_kw))
+                # What one step's sync carries: the trainable gradients as the hook encodes them,
+                # or DiLoCo's pseudo-gradient amortised over its H steps (trainer/comm.py).
+                analytic_bytes_per_step=analytic_bytes_per_step(b["sync_bytes_per_step"], n, engine, **kw),
+                analytic_wire_bytes_per_step=analytic_wire_bytes_per_step(b["sync_bytes_per_step"], n, engine, **kw),
+                # Full rank: the same model without adapters, every weight trainable, same sync.
+                full_rank_bytes_per_step=analytic_bytes_per_step(b["full_sync_bytes_per_step"], n, engine, **full_kw),
+                full_rank_wire_bytes_per_step=analytic_wire_bytes_per_step(b["full_sync_bytes_per_step"], n, engine,
+                                                                           **full_kw))
 
 
 # ---------------------------------------------------------------------------------------------

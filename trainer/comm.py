@@ -325,11 +325,45 @@ def model_bytes(cfg, args, step: int | None = None) -> dict:
 
     with torch.device("meta"):
         model = Transformer(args)
-        base = sum(p.numel() * p.element_size() for p in model.parameters())
+        base_params = list(model.parameters())  # full rank: every weight trains (shapes only)
+        base = sum(p.numel() * p.element_size() for p in base_params)
         build_strategy(cfg.strategy, cfg.train.seed).apply(
             model, cfg.optimizer.weight_decay, cfg.strategy.warm_start_steps if step is None else step)
     params = list(model.parameters())
-    return dict(trainable_params=sum(p.numel() for p in params if p.requires_grad),
+    trainable = [p for p in params if p.requires_grad]
+    return dict(trainable_params=sum(p.numel() for p in trainable),
                 total_params=sum(p.numel() for p in params),
-                trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
-                total_bytes=sum(p.numel() * p.element_size() for p in params), base_bytes=base)
+                trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+                total_bytes=sum(p.numel() * p.element_size() for p in params), base_bytes=base,
+                sync_bytes_per_step=sync_payload_bytes(trainable, cfg.distributed),
+                full_sync_bytes_per_step=sync_payload_bytes(base_params, cfg.distributed))
+
+
+def sync_payload_bytes(params, d) -> float:
+    """Payload bytes per optimizer step that data-parallel sync sends for these trainable
+    fp32 parameters under `d` (a DistributedConfig), before any engine factor (ZeRO):
+      comm_hook none       every gradient element: 4 bytes
+      comm_hook bf16/fp16  2 bytes per element
+      comm_hook powersgd   per tensor viewed as rows x rest (torch's powerSGD_hook): P and Q,
+                           (rows + cols) r' fp32 values with r' = min(rows, cols, rank), when
+                           that is under half the matrix (its min_compression_rate 2); else
+                           the tensor itself (vectors always)
+      sync diloco          every trainable element once per H steps, 4 bytes (2 in bf16): per
+                           step, amortised, a 1/H share"""
+    if d.sync == "diloco":
+        return sum(p.numel() for p in params) * (2 if d.outer_dtype == "bf16" else 4) / d.diloco_inner_steps
+    total = 0
+    for p in params:
+        n = p.numel()
+        if d.comm_hook in ("bf16", "fp16"):
+            total += 2 * n
+            continue
+        if d.comm_hook == "powersgd" and n:
+            rows = p.shape[0]
+            cols = n // rows
+            r = min(rows, cols, d.powersgd_rank)
+            if (rows + cols) * r * 2 < rows * cols:
+                total += (rows + cols) * r * 4
+                continue
+        total += 4 * n
+    return total

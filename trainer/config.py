@@ -136,6 +136,14 @@ class DistributedConfig:
     deepspeed: str = "none"  # none | zero1 | zero2 | zero3
     timeout_s: int = 120  # collective timeout: a dead rank makes the others fail, not hang
     guard_every: int = 50  # steps between cross-rank weight checksums (and after merges/switches)
+    comm_hook: str = "none"  # DDP gradient encoding on the wire: none | bf16 | fp16 | powersgd
+    powersgd_rank: int = 4  # comm_hook=powersgd: rank of each matrix's P, Q (its bytes: (n + m) * rank)
+    powersgd_start_iter: int = 10  # comm_hook=powersgd: plain all-reduce before this step (error feedback warms up)
+    sync: str = "every_step"  # every_step (gradients all-reduced every step) | diloco (trainable weights every H steps)
+    diloco_inner_steps: int = 50  # DiLoCo: H, local optimizer steps between outer syncs
+    outer_lr: float = 0.7  # DiLoCo: outer Nesterov SGD learning rate (OpenDiLoCo's)
+    outer_momentum: float = 0.9  # DiLoCo: outer Nesterov momentum
+    outer_dtype: str = "fp32"  # DiLoCo: pseudo-gradient all-reduce precision: fp32 | bf16 (half the bytes)
 
 
 @dataclass
@@ -367,6 +375,25 @@ def _validate(c: Config) -> None:
     one_of("distributed.deepspeed", c.distributed.deepspeed, ["none", "zero1", "zero2", "zero3"])
     check(c.distributed.timeout_s > 0, "distributed.timeout_s", c.distributed.timeout_s, "> 0")
     check(c.distributed.guard_every >= 0, "distributed.guard_every", c.distributed.guard_every, ">= 0")
+    d = c.distributed
+    one_of("distributed.comm_hook", d.comm_hook, ["none", "bf16", "fp16", "powersgd"])
+    check(d.powersgd_rank > 0, "distributed.powersgd_rank", d.powersgd_rank, "> 0")
+    check(d.powersgd_start_iter >= 2, "distributed.powersgd_start_iter", d.powersgd_start_iter,
+          ">= 2 (PowerSGD's error feedback needs plain all-reduces first)")
+    if d.comm_hook != "none":
+        # A DDP communication hook: DeepSpeed reduces gradients itself, DiLoCo sends none per step.
+        check(d.deepspeed == "none", "distributed.comm_hook", d.comm_hook, "none under DeepSpeed (hooks are DDP's)")
+        check(d.sync == "every_step", "distributed.comm_hook", d.comm_hook,
+              "none with distributed.sync=diloco (no gradient all-reduce to encode)")
+    one_of("distributed.sync", d.sync, ["every_step", "diloco"])
+    if d.sync == "diloco":
+        check(d.diloco_inner_steps > 0, "distributed.diloco_inner_steps", d.diloco_inner_steps, "> 0")
+        check(d.outer_lr > 0, "distributed.outer_lr", d.outer_lr, "> 0")
+        check(0 <= d.outer_momentum < 1, "distributed.outer_momentum", d.outer_momentum, "in [0, 1)")
+        one_of("distributed.outer_dtype", d.outer_dtype, ["fp32", "bf16"])
+        # Inner steps are independent per rank; ZeRO shards the optimizer state across ranks.
+        check(d.deepspeed == "none", "distributed.deepspeed", d.deepspeed,
+              "none with distributed.sync=diloco (ZeRO shards the optimizer state that DiLoCo keeps per rank)")
 
 
 def describe(cls=Config, prefix: str = "") -> list[str]:

@@ -144,7 +144,12 @@ def build_accelerator(cfg):
             # are constants every rank computes alike, and DDP's default re-sends them from
             # rank 0 at every synchronised step, traffic beside the gradients that the comm
             # hook does not see.
-            ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
+            # PowerSGD's state (error feedback, warm-start P and Q) is laid out by gradient
+            # bucket, and DDP re-lays its buckets once after the first step of every process: a
+            # resumed process would read its state in another layout. With
+            # find_unused_parameters DDP never re-lays them (one graph walk per step).
+            ddp_kwargs = DistributedDataParallelKwargs(
+                broadcast_buffers=False, find_unused_parameters=cfg.distributed.comm_hook == "powersgd")
             acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg, device),
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               kwargs_handlers=[] if single else handlers + [ddp_kwargs])
@@ -160,9 +165,85 @@ def build_accelerator(cfg):
 # ---------------------------------------------------------------------------------------------
 # Wrapping (and re-wrapping)
 
-def prepare(accelerator, model, optimizer):
+class CommHook:
+    """The DDP communication hook `distributed.comm_hook` names (none | bf16 | fp16 | powersgd):
+    HOW gradients are encoded on the wire. DDP takes one hook; its collectives are counted by
+    trainer/comm.py's torch.distributed counters (as `sync`: backward runs in that phase), so the
+    bytes are what the hook really sends. We register torch's hooks ourselves, the ones
+    Accelerate's DDPCommunicationHookType names, because Accelerate's registration would leave
+    no room for the counter. PowerSGD's state (error feedback, warm-start Q, its iteration) is
+    per rank and goes into checkpoints through `state_dict`."""
+
+    def __init__(self, name: str = "none", rank: int = 4, start_iter: int = 10, seed: int = 0):
+        self.name, self.state = name, None
+        if name == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+            self.state = PowerSGDState(None, matrix_approximation_rank=rank, start_powerSGD_iter=start_iter,
+                                       use_error_feedback=True, warm_start=True, random_seed=seed)
+
+    def register(self, ddp) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        if self.name == "none":
+            ddp.register_comm_hook(state=None, hook=comm.ddp_comm_hook)
+        elif self.name in ("bf16", "fp16"):
+            ddp.register_comm_hook(state=None, hook=_compress_hook(torch.bfloat16 if self.name == "bf16" else torch.float16))
+        else:  # the holder, not the state: a resume replaces the state after registration
+            ddp.register_comm_hook(state=self, hook=_synchronous(powerSGD_hook.powerSGD_hook))
+
+    def state_dict(self) -> dict | None:
+        if self.state is None:
+            return None
+        return {slot: getattr(self.state, slot) for slot in type(self.state).__slots__ if slot != "process_group"}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.state is not None and state is not None:
+            for slot, value in state.items():
+                setattr(self.state, slot, value)
+
+
+def _synchronous(hook):
+    """PowerSGD issues its P and Q all-reduces from future callbacks (gloo's threads), while
+    DDP goes on from the autograd thread to the next bucket's hook and, with
+    find_unused_parameters, its own all-reduce of the used-parameter map: two ranks can then
+    enter different collectives (gloo aborts: "Received data size doesn't match"). Waiting for
+    each bucket's whole exchange inside the hook keeps every rank's collectives in one order,
+    at the price of PowerSGD's overlap with backward."""
+
+    def run(holder, bucket):
+        done = torch.futures.Future()
+        done.set_result(hook(holder.state, bucket).wait())
+        return done
+
+    return run
+
+
+def _compress_hook(dtype):
+    """torch's fp16/bf16_compress_hook, which refuses bf16 without CUDA and NCCL: the bucket
+    is divided by the world size, cast, all-reduced in `dtype` and cast back. Gloo reduces
+    bf16 and fp16 on CPU."""
+    import torch.distributed as dist
+
+    def hook(process_group, bucket):
+        group = process_group if process_group is not None else dist.group.WORLD
+        buffer = bucket.buffer()
+        compressed = buffer.div(group.size()).to(dtype)
+        fut = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+        def decompress(f):
+            buffer.copy_(f.value()[0])
+            return buffer
+
+        return fut.then(decompress)
+
+    return hook
+
+
+def prepare(accelerator, model, optimizer, hook: CommHook | None = None, local_steps: bool = False):
     """Wrap `model` (a module, or a previously prepared wrapper) and `optimizer`; under DDP
-    install the counting comm hook.
+    register the communication hook (`hook`, default: plain all-reduce, counted). With
+    `local_steps` (DiLoCo) the model is placed on the device but not wrapped: its gradients
+    never cross the network.
 
     Calling it again is a re-wrap (the trainable set changed): the previous wrapper is torn
     down first (DDP: its autograd hooks removed, or its reducer would still all-reduce the
@@ -173,10 +254,18 @@ def prepare(accelerator, model, optimizer):
     """
     module = accelerator.unwrap_model(model)
     _teardown(accelerator)
+    if not getattr(accelerator, "_lrpt_backward_in_sync", False):
+        # Gradient collectives are issued from backward (DDP buckets, compression hooks and
+        # their chained collectives, which DDP waits for before backward returns).
+        accelerator.backward = _in_phase("sync", accelerator.backward)
+        accelerator._lrpt_backward_in_sync = True
     with comm.phase("startup"), comm.count_ddp_broadcasts():
-        model_p, opt_p = accelerator.prepare(module, optimizer)
+        if local_steps:
+            model_p, opt_p = module.to(accelerator.device), accelerator.prepare_optimizer(optimizer)
+        else:
+            model_p, opt_p = accelerator.prepare(module, optimizer)
     if isinstance(model_p, torch.nn.parallel.DistributedDataParallel):
-        model_p.register_comm_hook(state=None, hook=comm.ddp_comm_hook)
+        (hook or CommHook()).register(model_p)
     elif hasattr(model_p, "zero_optimization_stage"):
         # ZeRO's gradient reductions, shard all-gathers and clipping norm all happen inside
         # the engine's backward and step (Accelerate calls both from accelerator.backward).

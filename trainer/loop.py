@@ -25,7 +25,7 @@ from trainer import seeding
 from trainer.comm import CommMeter, record_fields as comm_record_fields
 from trainer.config import Config, load_config, resume_differences, save_config
 from trainer.data import PreparedData, BatchLoader, resolve_dataset
-from trainer.distributed import build_accelerator, check_consistency, prepare
+from trainer.distributed import CommHook, build_accelerator, check_consistency, prepare
 from trainer.engine import Engine
 from trainer.errors import EXIT_PREEMPTED, CheckpointError, ConfigError, NonFiniteLoss, Preempted, RunDirError
 from trainer.evaluate import minimal_pairs_record, validation_batches, validation_loss
@@ -34,6 +34,7 @@ from trainer.rundir import RunDir, default_run_dir
 from trainer.strategies import build_strategy
 from trainer.strategies.base import StepContext
 from trainer.strategies.lora import refresh_fused
+from trainer.sync import build_sync
 
 
 PROJECT = "lowrank-pretrain"  # the trackers' project / experiment name
@@ -161,6 +162,9 @@ class Trainer:
         start_step = ckpt.step_of(resume_from) if resume_from else 0
         # The trainable set of the step we start at, so the engine is built right the first time.
         groups = self.strategy.apply(module, cfg.optimizer.weight_decay, start_step)
+        d = cfg.distributed
+        self.hook = CommHook(d.comm_hook, d.powersgd_rank, d.powersgd_start_iter, cfg.train.seed)
+        self.sync = build_sync(cfg)
         self._build_engine(module, groups)
         self.loader = BatchLoader(self.data, "train", cfg.data.seq_len, cfg.data.batch_size, self.rank,
                                   self.world, cfg.train.seed)
@@ -250,9 +254,11 @@ class Trainer:
             module._lrpt_compiled = True
         optimizer = self.strategy.make_optimizer(groups, self.cfg.optimizer)
         self.base_lrs = [g.get("lr", self.cfg.optimizer.lr) for g in optimizer.param_groups]
-        self.model, self.optimizer = prepare(self.accelerator, module, optimizer)
+        self.model, self.optimizer = prepare(self.accelerator, module, optimizer, hook=self.hook,
+                                             local_steps=self.sync.local_steps)
         self.engine = Engine(self.accelerator, self.model, self.optimizer)
         refresh_fused(self.engine.module)  # prepare may have moved or re-pointed weights
+        self.sync.reanchor(self.engine)  # DiLoCo: the weights every rank starts from
         self.comm = CommMeter(self.engine)
 
     def _rewrap(self, step: int) -> None:
@@ -300,6 +306,7 @@ class Trainer:
             model_state[name] = self.engine.read_param(p).cpu()
         trainer_state = {"state": asdict(self.state), "data": self.loader.state_dict(),
                          "strategy": self.strategy.state_dict(), "rng": _gather(seeding.global_state()),
+                         "sync": self.sync.state_dict(), "per_rank": _gather(self._rank_state()),
                          "metrics_offset": self.run.metrics_size()}  # rank 0's, the one saved
         return {"model.pt": model_state, "optimizer.pt": self.engine.optimizer_state_dict(),
                 "trainer.pt": trainer_state}
@@ -321,8 +328,29 @@ class Trainer:
         rng = t["rng"] if isinstance(t["rng"], list) else [t["rng"]]
         if len(rng) == self.world:
             seeding.set_global_state(rng[self.rank])
+        self.sync.load_state_dict(t.get("sync") or {})
+        per_rank = t.get("per_rank") or []
+        if len(per_rank) == self.world:
+            self._load_rank_state(per_rank[self.rank])
         self.state = TrainState(**t["state"])
         self.resumed_metrics_offset = t.get("metrics_offset")  # None: an older checkpoint, cut by step
+
+    def _rank_state(self) -> dict:
+        """What differs between ranks beyond the RNG: PowerSGD's error feedback and, between
+        DiLoCo's outer syncs, each rank's own weights and inner optimizer state."""
+        out = {"hook": self.hook.state_dict()}
+        if self.sync.local_steps:
+            out["local"] = {n: self.engine.read_param(p).cpu() for n, p in self.engine.trainable()}
+            out["optimizer"] = self.engine.optimizer_state_dict()
+        return out
+
+    @torch.no_grad()
+    def _load_rank_state(self, mine: dict) -> None:
+        self.hook.load_state_dict(mine.get("hook"))
+        if "local" in mine:
+            for name, p in self.engine.trainable():
+                self.engine.write_param(p, mine["local"][name])
+            self.engine.load_optimizer_state_dict(mine["optimizer"])
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()
@@ -434,7 +462,12 @@ class Trainer:
             if dyn:
                 self.log({"step": st.step, "tokens": st.tokens, **dyn})
 
-            event = self.strategy.after_step(st.step, ctx)
+            # Strategy edits and the rank check only where every rank holds the same weights:
+            # every step, or DiLoCo's outer syncs.
+            synced = self.sync.after_step(st.step, self.engine)
+            event = self.strategy.after_step(st.step, ctx) if synced else None
+            if event:
+                self.sync.reanchor(self.engine)
             if event in ("merge", "rewrap"):  # rare and worth seeing; switches happen most steps
                 note = f"step {st.step}: {event}"
                 if bar is not None:
@@ -444,7 +477,8 @@ class Trainer:
             # Ranks are compared after merges and every guard_every steps, not after each
             # switch (most steps early on); the check's time is kept out of the step's.
             guard_every = cfg.distributed.guard_every
-            if self.world > 1 and ((event and event != "switch") or (guard_every and st.step % guard_every == 0)):
+            if self.world > 1 and synced and ((event and event != "switch") or
+                                              (guard_every and st.step % guard_every == 0)):
                 tg = time.perf_counter()
                 check_consistency(self.engine, st.step)
                 tg = time.perf_counter() - tg

@@ -58,6 +58,14 @@ class ReLoRA(LoRA):
             s.restart_warmup = s.reset_every // 2
         check(s.restart_warmup < s.reset_every, "strategy.restart_warmup", s.restart_warmup,
               f"< strategy.reset_every={s.reset_every}")
+        if cfg.distributed.sync == "diloco":
+            # Merges and the warm start's end must fall on outer syncs, when every rank holds
+            # the same weights: a merge elsewhere would fold in one rank's local drift.
+            h = cfg.distributed.diloco_inner_steps
+            check(s.reset_every % h == 0, "strategy.reset_every", s.reset_every,
+                  f"a multiple of distributed.diloco_inner_steps={h}")
+            check(s.warm_start_steps % h == 0, "strategy.warm_start_steps", s.warm_start_steps,
+                  f"a multiple of distributed.diloco_inner_steps={h}")
         if s.warm_start_steps < max_steps <= s.warm_start_steps + s.reset_every:
             warnings.warn(f"strategy.reset_every={s.reset_every} >= train.max_steps={max_steps}"
                           f"{f' - warm_start_steps={s.warm_start_steps}' if s.warm_start_steps else ''}: "
