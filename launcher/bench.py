@@ -16,6 +16,7 @@ namespace. Exposed communication time is the job's step time minus the same conf
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -178,11 +179,12 @@ def bench(a) -> int:
     link = getattr(a, "link", None)
     prefix = shaped_link(link) if link else []
     nproc = getattr(a, "nproc", 2) if link else 1
-    with tempfile.TemporaryDirectory(prefix="lrpt-bench-") as tmp:
+    keep = getattr(a, "out", None)
+    with (contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="lrpt-bench-")) as tmp:
         base = [f"model.name={a.model}", f"train.max_steps={a.steps}", "logging.log_every=1",
                 f"logging.eval_every={max(1, a.steps // 10) if link else 10 * a.steps}",
                 f"checkpoint.every={10 * a.steps}", "logging.progress=false", "logging.tensorboard=false",
-                "schedule.warmup_steps=0"]
+                "schedule.warmup_steps=0", "run.resume=false"]  # a kept --out folder starts over
         for item in a.strategies:
             try:
                 if not link:

@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "rate-limited to RATE (tc syntax: 100mbit, 1gbit) in a private network namespace (needs root)")
     b.add_argument("--nproc", type=int, default=2, help="processes per job with --link")
     b.add_argument("--target-loss", type=float, help="with --link: report the seconds to reach this validation loss")
+    b.add_argument("--out", help="keep the run directories here (e.g. for `lrpt plot`), not in a temporary folder")
     b.set_defaults(fn=cmd_bench)
     return p
 

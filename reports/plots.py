@@ -29,6 +29,9 @@ CURVES = [
     ("lr.png", "Learning rate (every step, as the config schedules it)", "step", [("lr", "-")], "learning rate", False),
     ("comm_bytes.png", "Cumulative communication (this rank)", "step", [("comm_bytes_total", "-")], "bytes", False),
     ("tokens_per_s.png", "Throughput", "step", [("tokens_per_s", "-")], "tokens/s", False),
+    # Seconds are what a slow link costs: the same losses, reached later (evaluations excluded).
+    ("val_loss_time.png", "Validation loss against training wall-clock", "elapsed_s", [("val_loss", "-")],
+     "validation loss", False),
 ]
 DYN_KEY = re.compile(r"^dyn/(\d+)/(\w+)/(weight|grad|update|ba)_(per|cond)$")
 DYN_SOURCES = {"weight": "weights", "grad": "gradients", "update": "updates W_t - W_t-k",
