@@ -145,7 +145,8 @@ def cmd_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer.data.prepare import MIN_VAL_TOKENS, UNITS
+    from trainer.data.prepare import MIN_VAL_TOKENS
+    from trainer.data.sources import UNITS
     p = argparse.ArgumentParser(prog="lrpt", description="Pretrain LLaMA-style models full-rank or low-rank "
                                 "(LoRA, ReLoRA, SwitchLoRA) and measure the communication saved.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

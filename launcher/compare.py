@@ -21,7 +21,8 @@ import yaml
 
 from reports.compare import comparison_table
 from reports.plots import plot_runs
-from trainer.config import ConfigError, _deep_merge, _read_yaml, load_config, save_config
+from trainer.config import ConfigError, load_config, save_config
+from trainer.config_io import deep_merge, read_yaml
 from trainer.rundir import RunDir
 
 
@@ -35,13 +36,13 @@ def _runs_from(configs: list[str]) -> dict[str, dict]:
             for name, spec in runs.items():
                 merged: dict = {}
                 if isinstance(spec, str):  # a config file, relative to the sweep file
-                    _deep_merge(merged, _read_yaml(Path(configs[0]).parent / spec))
+                    deep_merge(merged, read_yaml(Path(configs[0]).parent / spec))
                     spec = {}
-                _deep_merge(merged, json.loads(json.dumps(common)))
-                _deep_merge(merged, spec or {})
+                deep_merge(merged, json.loads(json.dumps(common)))
+                deep_merge(merged, spec or {})
                 out[name] = merged
             return out
-    return {Path(c).stem: _read_yaml(Path(c)) for c in configs}
+    return {Path(c).stem: read_yaml(Path(c)) for c in configs}
 
 
 def _finished(run_dir: Path, max_steps: int) -> bool:

@@ -107,7 +107,7 @@ def test_evaluate_checkpoint_merges_adapters_and_reports_metrics_keys(tmp_path):
     rng = random.Random(0)
     text = "\n\n".join(good_sentence(rng, rng.choice(["sg", "pl"])) for _ in range(300))
     (tmp_path / "t.txt").write_text(text)
-    data = PreparedData(prepare([str(tmp_path / "t.txt")], tmp_path / "data", vocab_size=300, val_fraction=0.2,
+    data = PreparedData(prepare([str(tmp_path / "t.txt")], tmp_path / "data", vocab_size=300, val_fraction=0.2, min_val_tokens=0,
                                 progress=False))
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in make_pairs()))
     cfg = load_config(None, ["model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=1",

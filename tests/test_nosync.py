@@ -41,7 +41,7 @@ def test_one_host_read_per_step(tmp_path, monkeypatch, accum, strategy):
                 counts["inside"] -= 1
         return wrapped
     monkeypatch.setattr(trainer, "_train_step", inside(trainer._train_step, step=True))
-    monkeypatch.setattr(loop, "_all_reduce_sum", inside(loop._all_reduce_sum))
+    monkeypatch.setattr(loop, "all_reduce_sum", inside(loop.all_reduce_sum))
     try:
         trainer.fit()
     finally:

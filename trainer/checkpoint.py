@@ -263,3 +263,61 @@ def load_model(path: str | Path, device="cpu"):
     model = Transformer(args)
     model.load_state_dict(state)
     return model.to(device).eval(), cfg, folder
+
+
+# ---------------------------------------------------------------------------------------------
+# What a training checkpoint holds: a Trainer's state, by file (loop.Trainer.state_dict)
+
+def capture(trainer) -> dict:
+    """{"model.pt", "optimizer.pt", "trainer.pt"} of a running trainer. Every rank calls it:
+    under DeepSpeed the fp32 masters and the optimizer state are gathered, and every rank's own
+    state (RNG; PowerSGD's error feedback; DiLoCo's local weights and inner optimizer between
+    outer syncs) is collected for rank 0 to write."""
+    from dataclasses import asdict
+
+    from trainer import seeding
+    from trainer.ranks import gather
+
+    engine = trainer.engine
+    model_state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    for name, p in engine.module.named_parameters():
+        model_state[name] = engine.read_param(p).cpu()
+    own = {"hook": trainer.hook.state_dict()}
+    if trainer.sync.local_steps:
+        own["local"] = {n: engine.read_param(p).cpu() for n, p in engine.trainable()}
+        own["optimizer"] = engine.optimizer_state_dict()
+    trainer_state = {"state": asdict(trainer.state), "data": trainer.loader.state_dict(),
+                     "strategy": trainer.strategy.state_dict(), "rng": gather(seeding.global_state()),
+                     "sync": trainer.sync.state_dict(), "per_rank": gather(own),
+                     "metrics_offset": trainer.run.metrics_size()}  # rank 0's, the one saved
+    return {"model.pt": model_state, "optimizer.pt": engine.optimizer_state_dict(), "trainer.pt": trainer_state}
+
+
+@torch.no_grad()
+def restore(trainer, state: dict) -> None:
+    """Put `capture`'s output back into a trainer built for the checkpoint's step."""
+    from trainer import seeding
+
+    engine, model_state, t = trainer.engine, state["model.pt"], state["trainer.pt"]
+    for name, buf in engine.module.named_buffers():
+        if name in model_state:
+            buf.copy_(model_state[name])
+    for name, p in engine.module.named_parameters():
+        engine.write_param(p, model_state[name])
+    trainer.strategy.load_state_dict(t["strategy"])
+    engine.load_optimizer_state_dict(state["optimizer.pt"])
+    trainer.loader.load_state_dict(t["data"])
+    rng = t["rng"] if isinstance(t["rng"], list) else [t["rng"]]
+    if len(rng) == trainer.world:
+        seeding.set_global_state(rng[trainer.rank])
+    trainer.sync.load_state_dict(t.get("sync") or {})
+    own = (t.get("per_rank") or [])
+    if len(own) == trainer.world:
+        mine = own[trainer.rank]
+        trainer.hook.load_state_dict(mine.get("hook"))
+        if "local" in mine:
+            for name, p in engine.trainable():
+                engine.write_param(p, mine["local"][name])
+            engine.load_optimizer_state_dict(mine["optimizer"])
+    trainer.state = type(trainer.state)(**t["state"])
+    trainer.resumed_metrics_offset = t.get("metrics_offset")  # None: an older checkpoint, cut by step

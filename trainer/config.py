@@ -7,16 +7,15 @@ Validation fails with one line naming the key, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import os
 import typing
-import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from trainer.config_io import apply_dict, nest, read_yaml, yaml_problem
 from trainer.errors import ConfigError  # noqa: F401  (re-exported: `from trainer.config import ConfigError`)
 from trainer.shapes import PROJECTIONS, SIZES, model_args
 from trainer.strategies import STRATEGIES  # torch-free: the registry holds names only
@@ -183,7 +182,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     keys: set[str] = set()
     if path:
         try:
-            keys |= apply_dict(cfg, _read_yaml(Path(path)))
+            keys |= apply_dict(cfg, read_yaml(Path(path)))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") if str(path) not in str(e) else e
     for item in overrides:
@@ -193,125 +192,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: {_yaml_problem(e)}") from None
-        keys |= apply_dict(cfg, _nest(key.strip(), value))
+            raise ConfigError(f"override {item!r}: {yaml_problem(e)}") from None
+        keys |= apply_dict(cfg, nest(key.strip(), value))
     cfg.set_keys = frozenset(keys)
     return cfg.validate()
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); is it a YAML file?") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    merged: dict = {}
-    includes = data.pop("include", [])
-    for inc in [includes] if isinstance(includes, str) else includes:
-        _deep_merge(merged, _read_yaml((path.parent / inc).resolve()))
-    _deep_merge(merged, data)
-    return merged
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """'line L, column C: what' (1-based, as editors count) from a YAML parser error."""
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    what = getattr(e, "problem", None) or str(e).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"malformed YAML at {where}{what}"
-
-
-def _deep_merge(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_merge(dst[k], v)
-        else:
-            dst[k] = v
-
-
-def _nest(dotted: str, value) -> dict:
-    out: dict = value
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
 # Accelerate's tracker names (accelerate.tracking); checked here so that a typo fails before the run starts.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
-
-# Keys that did nothing and were removed: the config.yaml of older runs still holds them.
-RETIRED = ("data.num_workers",)
-
-
-def apply_dict(obj, data: dict, prefix: str = "") -> set[str]:
-    """Set fields of a (nested) dataclass from a dict, checking names and types; returns the
-    dotted keys it set."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in fields(obj)]
-    done: set[str] = set()
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if full == "logging.tensorboard":  # replaced by logging.trackers
-            on, rest = _coerce(full, value, bool), [t for t in obj.trackers if t != "tensorboard"]
-            obj.trackers = ["tensorboard", *rest] if on else rest
-            done.add("logging.trackers")
-            continue
-        if full in RETIRED:
-            warnings.warn(f"config key {full!r} was removed (it did nothing); ignoring it", stacklevel=2)
-            continue
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {full!r}{hint}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            done |= apply_dict(current, value, full + ".")
-        else:
-            setattr(obj, key, _coerce(full, value, hints[key]))
-            done.add(full)
-    return done
-
-
-def _coerce(key: str, value, typ):
-    origin = typing.get_origin(typ)
-    if origin is list:
-        (item_type,) = typing.get_args(typ)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        return [_coerce(key, v, item_type) for v in value]
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r}: expected true or false")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r}: expected an integer")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r}: expected a number")
-    if typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}={value!r}: expected a string")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,38 +307,3 @@ def save_config(cfg: Config, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Resuming with other settings
-
-# Keys a resume may change: when and how long to train, what to log and keep, how ranks talk,
-# and stateless step-size knobs. Every other key defines the run (model, strategy, data,
-# batch geometry, seed, Adam's betas and eps, sync mode): changing it mixes two runs.
-RESUMABLE = ("run.", "train.max_steps", "train.stop_at", "train.device", "train.precision", "train.compile",
-             "train.activation_checkpointing", "logging.",
-             "checkpoint.", "distributed.timeout_s", "distributed.guard_every", "distributed.deepspeed",
-             "optimizer.lr", "optimizer.grad_clip", "optimizer.weight_decay", "schedule.")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def resume_differences(old: Config, new: Config) -> tuple[dict, dict]:
-    """({key: (old, new)} that define the run and may not change on resume, {key: (old, new)}
-    that may), run.* left out."""
-    a, b = _flat(old.to_dict()), _flat(new.to_dict())
-    refused, allowed = {}, {}
-    for key in sorted(a.keys() | b.keys()):
-        if key.startswith("run.") or a.get(key) == b.get(key):
-            continue
-        change = (a.get(key), b.get(key))
-        (allowed if key.startswith(RESUMABLE) else refused)[key] = change
-    return refused, allowed

@@ -14,30 +14,29 @@ import json
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
 from trainer import seeding
 from trainer.comm import CommMeter, record_fields as comm_record_fields
-from trainer.config import Config, load_config, resume_differences, save_config
+from trainer.config import Config
 from trainer.data import PreparedData, BatchLoader, resolve_dataset
 from trainer.distributed import CommHook, build_accelerator, check_consistency, prepare
 from trainer.engine import Engine
-from trainer.errors import EXIT_PREEMPTED, CheckpointError, ConfigError, NonFiniteLoss, Preempted, RunDirError
+from trainer.errors import EXIT_PREEMPTED, CheckpointError, NonFiniteLoss, Preempted, RunDirError
 from trainer.evaluate import minimal_pairs_record, validation_batches, validation_loss
-from trainer.model import Transformer, model_args
+from trainer.model import build_model
+from trainer.ranks import all_reduce_sum, broadcast_str
+from trainer.resume import open_run_dir
 from trainer.rundir import RunDir, default_run_dir
 from trainer.strategies import build_strategy
 from trainer.strategies.base import StepContext
 from trainer.strategies.lora import refresh_fused
 from trainer.sync import build_sync
-
-
-PROJECT = "lowrank-pretrain"  # the trackers' project / experiment name
+from trainer.trackers import build_trackers
 
 
 @dataclass
@@ -73,62 +72,6 @@ class _StopFlag:
                   file=sys.stderr, flush=True)
 
 
-def print0(accelerator, *args):
-    if accelerator.is_main_process:
-        print(*args, flush=True)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _broadcast_str(value: str) -> str:
-    """Rank 0's value on every rank (run directory names carry timestamps)."""
-    if not _distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_reduce_sum(values: list, device) -> list[float]:
-    """Sum over ranks of numbers or 0-dim device tensors, as one tensor and one collective;
-    the final `tolist` is the one host read."""
-    t = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
-    if _distributed():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _gather(obj) -> list:
-    """Every rank's `obj`, in rank order (a list of one without a process group)."""
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _trackers(cfg: Config, run: RunDir) -> list:
-    """`logging.trackers` built as Accelerator.init_trackers builds them. Not through
-    Accelerator(log_with=...): that wants the logging directory before the run directory is
-    known. Directory-based trackers write under RUN/<tracker>/ (TensorBoard: RUN/tensorboard/)."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
-    out = []
-    hparams = {f"{section}.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
-               for section, values in cfg.to_dict().items() for k, v in values.items()}
-    for name in cfg.logging.trackers:
-        if name not in {str(t) for t in get_available_trackers()}:
-            raise ConfigError(f"logging.trackers: {name!r} is not installed (pip install {name}), or drop it")
-        cls = LOGGER_TYPE_TO_CLASS[name]
-        tracker = cls(PROJECT, str(run.path / name)) if cls.requires_logging_directory else cls(PROJECT)
-        tracker.start()
-        tracker.store_init_configuration(hparams)
-        out.append(tracker)
-    return out
-
-
 class Trainer:
     """Holds everything one process needs; `fit()` runs the loop."""
 
@@ -139,21 +82,22 @@ class Trainer:
         # Data and model first: a bad data.source or vocabulary must not leave a stray run directory.
         with acc.main_process_first():  # rank 0 builds the embedded corpus, the others reuse it
             self.data = PreparedData(resolve_dataset(cfg.data))
-        module = self._build_model()
+        seeding.seed_globals(cfg.train.seed)  # the initial weights: the same on every rank
+        self.args, module = build_model(cfg, self.data.vocab_size)
         self.strategy = build_strategy(cfg.strategy, cfg.train.seed)
 
         name = f"{cfg.strategy.name}-{cfg.model.name}"
-        self.run = RunDir(Path(_broadcast_str(cfg.run.dir or str(default_run_dir(name)))).resolve())
+        self.run = RunDir(Path(broadcast_str(cfg.run.dir or str(default_run_dir(name)))).resolve())
         cfg.run.dir = str(self.run.path)
         # Rank 0 locks and checks the directory before anything in it changes; every rank
         # learns the outcome, so that a refusal stops them all and not rank 0 alone.
         opened, failure = {}, None
         if acc.is_main_process:
             try:
-                opened = self._open_run_dir()
+                opened = open_run_dir(self.run, cfg, self.args)
             except Exception as e:  # noqa: BLE001 - a bug still raises below, after the others are told
                 failure, opened = e, {"error": str(e)}
-        opened = json.loads(_broadcast_str(json.dumps(opened)))
+        opened = json.loads(broadcast_str(json.dumps(opened)))
         if failure is not None:
             raise failure
         if "error" in opened:
@@ -174,9 +118,9 @@ class Trainer:
         self.resumed_metrics_offset = 0  # a start over redoes every record already there
         if resume_from is not None:
             self.load_state_dict(ckpt.read(resume_from))
-            print0(acc, f"resumed from {resume_from} at step {self.state.step}")
+            acc.print(f"resumed from {resume_from} at step {self.state.step}")
         if opened["changed"]:
-            print0(acc, "resuming with changed settings: " + ", ".join(
+            acc.print("resuming with changed settings: " + ", ".join(
                 f"{k} {a!r} -> {b!r}" for k, (a, b) in opened["changed"].items()))
         if acc.is_main_process and opened["had_records"]:
             # Marks what a reader must drop: the records written after the checkpoint (view: RunDir.read_metrics).
@@ -186,64 +130,13 @@ class Trainer:
                                      "metrics_offset": self.resumed_metrics_offset, "changed": opened["changed"]})
 
         if acc.is_main_process:  # accelerator.log and end_training then reach them
-            acc.trackers += _trackers(cfg, self.run)
+            acc.trackers += build_trackers(cfg, self.run)
         self.dynamics = None
         if cfg.logging.dynamics_every and acc.is_main_process:
             from trainer.dynamics import DynamicsTracker
             self.dynamics = DynamicsTracker(every=cfg.logging.dynamics_every)
             self.dynamics.start(self.engine.module, self.state.step)
         self._describe()
-
-    def _open_run_dir(self) -> dict:
-        """Rank 0: lock the run directory and decide how to start in it before touching it.
-        Refuses (RunDirError) a resume whose settings define another run, or whose checkpoints
-        are all unusable; run.resume=false starts over with the old material moved aside."""
-        cfg, run = self.cfg, self.run
-        run.lock()
-        root = run.checkpoints
-        had = bool(ckpt.list_checkpoints(root)) or run.metrics_size() > 0
-        resume_from, changed = None, {}
-        if not cfg.run.resume:
-            if had:
-                print(f"run.resume=false: starting over; the old checkpoints and metrics are in {run.move_aside()}",
-                      flush=True)
-            had = False
-        else:
-            resume_from = ckpt.find_latest(root)
-            if resume_from is None and ckpt.list_checkpoints(root):
-                raise RunDirError(f"{root} holds checkpoints but none is usable ({'; '.join(ckpt.unusable(root))}); "
-                                  f"pass run.resume=false to start over (the old material is moved to "
-                                  f"{run.path}/old-<timestamp>/)")
-            if had and run.config.is_file():
-                refused, changed = resume_differences(load_config(run.config), cfg)
-                if refused:
-                    diffs = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                    raise RunDirError(f"cannot resume {run.path}: these settings define the run and differ from its "
-                                      f"config.yaml: {diffs}; use another run.dir, or run.resume=false to start over")
-        ckpt.check_writable(root)
-        save_config(cfg, run.config)
-        # The resolved shape, for export, bench, comm and analysis tools.
-        tmp = run.model_json.with_name(".model.json.tmp")
-        tmp.write_text(json.dumps(asdict(self.args), indent=1))
-        tmp.replace(run.model_json)
-        return {"resume_from": str(resume_from) if resume_from else None, "had_records": run.metrics_size() > 0,
-                "changed": {k: list(v) for k, v in changed.items()}}
-
-    def _build_model(self) -> Transformer:
-        cfg = self.cfg
-        seeding.seed_globals(cfg.train.seed)  # the initial weights: the same on every rank
-        if cfg.model.init_from:  # continued pretraining: the checkpoint's shape wins
-            from trainer.hf import load_hf_into, model_args_from_hf
-            self.args = model_args_from_hf(cfg.model.init_from, max_seq_len=cfg.data.seq_len)
-        else:
-            self.args = model_args(cfg.model, cfg.data.seq_len, self.data.vocab_size)
-        if self.args.vocab_size < self.data.vocab_size:
-            raise ConfigError(f"model.vocab_size={self.args.vocab_size}: expected at least the tokenizer's "
-                              f"vocabulary ({self.data.vocab_size}), or 0 to take it from the tokenizer")
-        module = Transformer(self.args)
-        if cfg.model.init_from:
-            load_hf_into(module, cfg.model.init_from)
-        return module
 
     def _build_engine(self, module, groups) -> None:
         module.activation_checkpointing = self.cfg.train.activation_checkpointing
@@ -283,7 +176,7 @@ class Trainer:
         # What the val split holds caps eval_batches (trainer/data/loader.py eval_batches).
         held = (self.data.num_tokens("val") - 1) // c.data.seq_len // c.data.batch_size
         val_sequences = min(c.logging.eval_batches, held) * c.data.batch_size
-        print0(self.accelerator,
+        self.accelerator.print(
                f"model {c.model.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}"
                f"/{a.num_kv_heads}, vocab {a.vocab_size}\n{self.strategy.describe(module)}\n"
                f"world size {self.world}, {c.data.batch_size} seq x {c.data.seq_len} tokens x "
@@ -296,61 +189,16 @@ class Trainer:
         c = self.cfg
         return c.data.batch_size * c.data.seq_len * c.train.grad_accum * self.world
 
-    # -- checkpointable ----------------------------------------------------------------------
+    # -- checkpointable (checkpoint.py assembles and restores the state) ------------------------
     def state_dict(self) -> dict:
         """{checkpoint file name: object}. Every rank must call it: under DeepSpeed the full
-        optimizer state and fp32 masters are gathered, and each rank's RNG state is collected."""
-        module = self.engine.module
-        model_state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        for name, p in module.named_parameters():
-            model_state[name] = self.engine.read_param(p).cpu()
-        trainer_state = {"state": asdict(self.state), "data": self.loader.state_dict(),
-                         "strategy": self.strategy.state_dict(), "rng": _gather(seeding.global_state()),
-                         "sync": self.sync.state_dict(), "per_rank": _gather(self._rank_state()),
-                         "metrics_offset": self.run.metrics_size()}  # rank 0's, the one saved
-        return {"model.pt": model_state, "optimizer.pt": self.engine.optimizer_state_dict(),
-                "trainer.pt": trainer_state}
+        optimizer state and fp32 masters are gathered, and each rank's own state is collected."""
+        return ckpt.capture(self)
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state_dict()`'s output, on any world size (the dropout streams
-        continue exactly only on the same one)."""
-        module, model_state = self.engine.module, state["model.pt"]
-        for name, buf in module.named_buffers():
-            if name in model_state:
-                buf.copy_(model_state[name])
-        for name, p in module.named_parameters():
-            self.engine.write_param(p, model_state[name])
-        t = state["trainer.pt"]
-        self.strategy.load_state_dict(t["strategy"])
-        self.engine.load_optimizer_state_dict(state["optimizer.pt"])
-        self.loader.load_state_dict(t["data"])
-        rng = t["rng"] if isinstance(t["rng"], list) else [t["rng"]]
-        if len(rng) == self.world:
-            seeding.set_global_state(rng[self.rank])
-        self.sync.load_state_dict(t.get("sync") or {})
-        per_rank = t.get("per_rank") or []
-        if len(per_rank) == self.world:
-            self._load_rank_state(per_rank[self.rank])
-        self.state = TrainState(**t["state"])
-        self.resumed_metrics_offset = t.get("metrics_offset")  # None: an older checkpoint, cut by step
-
-    def _rank_state(self) -> dict:
-        """What differs between ranks beyond the RNG: PowerSGD's error feedback and, between
-        DiLoCo's outer syncs, each rank's own weights and inner optimizer state."""
-        out = {"hook": self.hook.state_dict()}
-        if self.sync.local_steps:
-            out["local"] = {n: self.engine.read_param(p).cpu() for n, p in self.engine.trainable()}
-            out["optimizer"] = self.engine.optimizer_state_dict()
-        return out
-
-    @torch.no_grad()
-    def _load_rank_state(self, mine: dict) -> None:
-        self.hook.load_state_dict(mine.get("hook"))
-        if "local" in mine:
-            for name, p in self.engine.trainable():
-                self.engine.write_param(p, mine["local"][name])
-            self.engine.load_optimizer_state_dict(mine["optimizer"])
+        """Continue from `state_dict()`'s output, on any world size (the dropout streams and a
+        rank's own state continue exactly only on the same one)."""
+        ckpt.restore(self, state)
 
     def save_checkpoint(self) -> None:
         state = self.state_dict()
@@ -362,7 +210,7 @@ class Trainer:
                 failure = e
         # Also the barrier: every rank learns that the write failed (disk full, read-only) and
         # stops with the same line, instead of waiting for rank 0 until the timeout.
-        problem = _broadcast_str(str(failure or ""))
+        problem = broadcast_str(str(failure or ""))
         if failure is not None:
             raise failure
         if problem:
@@ -432,7 +280,7 @@ class Trainer:
         window_loss, window_steps, window_t0 = st.window_loss, st.window_steps, time.perf_counter()
         window_guard_s = 0.0  # rank checks in this window: timed apart, not training
         if st.step == 0:
-            val_sequences = int(_all_reduce_sum([sum(len(x) for x, _ in self.val_batches)], acc.device)[0])
+            val_sequences = int(all_reduce_sum([sum(len(x) for x, _ in self.val_batches)], acc.device)[0])
             self.log({"step": 0, "tokens": 0, **self.evaluate(), "world_size": self.world,
                       "val_sequences": val_sequences, "val_tokens": val_sequences * cfg.data.seq_len})
 
@@ -450,7 +298,7 @@ class Trainer:
             # One tiny all-reduce per step: the global mean loss, and whether any rank saw a
             # preemption signal or a non-finite loss, so that all ranks stop together.
             bad = ~torch.isfinite(loss)
-            loss_sum, n_stop, n_bad = _all_reduce_sum(
+            loss_sum, n_stop, n_bad = all_reduce_sum(
                 [torch.where(bad, 0.0, loss), float(stop.raised), bad], acc.device)
             if n_bad:
                 last = ckpt.find_latest(self.run.checkpoints)
@@ -473,7 +321,7 @@ class Trainer:
                 if bar is not None:
                     bar.write(note)
                 else:
-                    print0(acc, note)
+                    acc.print(note)
             # Ranks are compared after merges and every guard_every steps, not after each
             # switch (most steps early on); the check's time is kept out of the step's.
             guard_every = cfg.distributed.guard_every
@@ -514,7 +362,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     bar.write(msg)
                 else:
-                    print0(acc, msg)
+                    acc.print(msg)
                 window_loss, window_steps, window_t0, window_guard_s = 0.0, 0, time.perf_counter(), 0.0
             if bar is not None:
                 bar.update(1)
@@ -529,14 +377,14 @@ class Trainer:
                     bar.close()
                 self.log({"step": st.step, "tokens": st.tokens, "event": "preempt" if preempted else "stop"})
                 if preempted:
-                    print0(acc, f"stopped on {stop.name or 'a signal to another rank'}: checkpoint written at step "
+                    acc.print(f"stopped on {stop.name or 'a signal to another rank'}: checkpoint written at step "
                                 f"{st.step}; exiting {EXIT_PREEMPTED} (run the same command to resume)")
                     raise Preempted(str(self.run.path))
-                print0(acc, f"stopped at train.stop_at={st.step}; run directory: {self.run.path}")
+                acc.print(f"stopped at train.stop_at={st.step}; run directory: {self.run.path}")
                 return self.run.path
         if bar is not None:
             bar.close()
-        print0(acc, f"done: {st.step} steps, {st.tokens:,} tokens. Run directory: {self.run.path}")
+        acc.print(f"done: {st.step} steps, {st.tokens:,} tokens. Run directory: {self.run.path}")
         return self.run.path
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.shapes import SIZES, ModelArgs, model_args  # noqa: F401  (re-exported for callers)
+from trainer.shapes import SIZES, ModelArgs, model_args  # noqa: F401  (SIZES re-exported for callers)
 
 
 class RMSNorm(nn.Module):
@@ -158,3 +158,22 @@ def configure_optimizer_groups(named_params, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+
+
+def build_model(cfg, tokenizer_vocab: int) -> tuple[ModelArgs, Transformer]:
+    """The shape and the module a run's config asks for: a named size with the tokenizer's
+    vocabulary, or (model.init_from) a Hugging Face Llama checkpoint's shape and weights, for
+    continued pretraining. Initial weights come from the global generator: seed it first."""
+    if cfg.model.init_from:
+        from trainer.hf import load_hf_into, model_args_from_hf
+        args = model_args_from_hf(cfg.model.init_from, max_seq_len=cfg.data.seq_len)
+    else:
+        args = model_args(cfg.model, cfg.data.seq_len, tokenizer_vocab)
+    if args.vocab_size < tokenizer_vocab:
+        from trainer.errors import ConfigError
+        raise ConfigError(f"model.vocab_size={args.vocab_size}: expected at least the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab}), or 0 to take it from the tokenizer")
+    module = Transformer(args)
+    if cfg.model.init_from:
+        load_hf_into(module, cfg.model.init_from)
+    return args, module

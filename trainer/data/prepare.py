@@ -28,167 +28,17 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from trainer.data.sources import UNITS, check_text, documents_of, resolve_sources
 from trainer.errors import DataError
 
 FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
 EOS_CANDIDATES = (EOS, "</s>", "<|end_of_text|>", "<eos>")  # accepted in a user's tokenizer.json
 SPLITS = ("train", "val")
-SUFFIXES = (".txt", ".jsonl", ".parquet")
 TOKENIZER_MAX_CHARS = 1 << 30  # BPE is trained on at most the first ~1 GB of text: plenty, and bounded
-UNITS = ("paragraph", "line", "file")  # what one document of a .txt file is
 # One evaluation batch at the default data.batch_size (16) x data.seq_len (128), plus the
 # shifted target: less, and training stops at its first evaluation.
 MIN_VAL_TOKENS = 16 * 128 + 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading sources
-
-def _resolve_sources(sources: Iterable[str]) -> list[tuple[str, str]]:
-    """Check every source up front (before minutes of work) -> [(kind, path or name)]."""
-    out: list[tuple[str, str]] = []
-    for src in sources:
-        path = Path(src).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
-            if not files:
-                raise DataError(f"source directory {str(path)!r} holds no {'/'.join(SUFFIXES)} files")
-            out += [(p.suffix[1:], str(p)) for p in files]
-        elif path.is_file():
-            if path.suffix not in SUFFIXES:
-                raise DataError(f"source {str(path)!r}: unknown extension {path.suffix!r} "
-                                f"(expected one of {', '.join(SUFFIXES)}, a directory or a dataset name)")
-            out.append((path.suffix[1:], str(path)))
-        elif path.suffix in SUFFIXES or src.startswith(("/", ".", "~")):
-            raise DataError(f"source file {str(path)!r} not found")
-        else:  # not on disk and not path-like: a Hugging Face dataset name such as "allenai/c4"
-            out.append(("hf", src))
-    if not out:
-        raise DataError("no data sources given")
-    return out
-
-
-def _read_txt(path: str, unit: str = "paragraph", encoding: str = "utf-8") -> Iterator[str]:
-    lines: list[str] = []
-    with open(path, encoding=encoding) as f:
-        if unit == "file":
-            yield f.read()
-            return
-        for line in f:
-            if line.strip():
-                lines.append(line.rstrip("\r\n"))
-                if unit == "paragraph":
-                    continue
-            if lines:
-                yield "\n".join(lines)
-                lines = []
-    if lines:
-        yield "\n".join(lines)
-
-
-def _read_jsonl(path: str, field: str, encoding: str = "utf-8") -> Iterator[str]:
-    with open(path, encoding=encoding) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                keys = list(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{path}:{lineno}: no string field {field!r} (has {keys}); set text_field")
-            yield row[field]
-
-
-def _read_datasets(kind: str, name: str, field: str, split: str, config: str | None,
-                   streaming: bool | None) -> Iterator[str]:
-    import datasets  # slow to import; only needed here
-
-    try:
-        if kind == "parquet":  # local files stream from disk: no Arrow cache copy
-            ds = datasets.load_dataset("parquet", data_files=name, split="train",
-                                       streaming=True if streaming is None else streaming)
-        else:  # hub datasets are usually large: stream unless told otherwise
-            ds = datasets.load_dataset(name, config, split=split,
-                                       streaming=True if streaming is None else streaming)
-    except Exception as e:
-        what = "" if kind == "parquet" else " (it is not a local file or directory either)"
-        raise DataError(f"could not load {name!r} with datasets.load_dataset{what}: {type(e).__name__}: {e}") from e
-    if ds.column_names is not None and field not in ds.column_names:
-        raise DataError(f"{name}: no column {field!r} (has {ds.column_names}); set text_field")
-    for row in ds:
-        yield row[field]
-
-
-def _undecodable(path: str, encoding: str) -> str | None:
-    """Why `path` is not text in `encoding` ("byte N: ..."), or None. Checked before any work:
-    a binary file found an hour into tokenizing would cost the hour."""
-    import codecs
-
-    decoder, offset = codecs.getincrementaldecoder(encoding)(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            nul = chunk.find(0)
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as e:
-                # e.start counts from the bytes the decoder held back plus this chunk.
-                bad = offset - len(decoder.getstate()[0]) + e.start
-                if nul < 0 or bad < offset + nul:
-                    return f"byte {bad}: not {encoding} ({e.reason})"
-            if nul >= 0:
-                return f"byte {offset + nul}: a NUL byte (a binary file?)"
-            offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError as e:
-            return f"byte {offset - (e.end - e.start)}: not {encoding} (the file ends inside a character)"
-    return None
-
-
-def _check_text(sources: list[tuple[str, str]], encoding: str, skip: bool) -> tuple[list, list[str]]:
-    """(the sources to read, 'path (why)' of each skipped one) for skip=True; else refuse the
-    first file that does not decode, naming it and the byte."""
-    try:
-        import codecs
-        codecs.lookup(encoding)
-    except LookupError:
-        raise DataError(f"encoding {encoding!r}: unknown (try utf-8, latin-1, cp1252)") from None
-    keep, skipped = [], []
-    for kind, name in sources:
-        why = _undecodable(name, encoding) if kind in ("txt", "jsonl") else None
-        if why is None:
-            keep.append((kind, name))
-        elif skip:
-            skipped.append(f"{name} ({why})")
-        else:
-            raise DataError(f"{name}: {why}; pass --encoding (e.g. latin-1) if it is text in another encoding, "
-                            f"or --skip-undecodable to leave such files out")
-    if not keep:
-        raise DataError(f"no source decodes as {encoding}: {'; '.join(skipped)}")
-    return keep, skipped
-
-
-def _documents(sources: list[tuple[str, str]], text_field: str, hf_split: str, hf_config: str | None,
-               streaming: bool | None, max_documents: int | None, unit: str = "paragraph",
-               encoding: str = "utf-8") -> Iterator[str]:
-    """Non-empty documents from all sources in order, at most `max_documents`."""
-    n = 0
-    for kind, name in sources:
-        if kind == "txt":
-            docs = _read_txt(name, unit, encoding)
-        elif kind == "jsonl":
-            docs = _read_jsonl(name, text_field, encoding)
-        else:
-            docs = _read_datasets(kind, name, text_field, hf_split, hf_config, streaming)
-        for doc in docs:
-            if max_documents is not None and n >= max_documents:
-                return
-            if doc and doc.strip():
-                n += 1
-                yield doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +172,7 @@ def _write_dataset(dst: Path, documents: Callable[[], Iterator[str]], *, source:
             else:
                 held.append(ids)
                 held_tokens += len(ids)
-                while held_tokens - len(held[0]) >= min_val_tokens:
+                while held and held_tokens - len(held[0]) >= min_val_tokens:
                     held_tokens -= len(held[0])
                     writers["train"].write(held.popleft())
             index += 1
@@ -393,13 +243,13 @@ def prepare(sources: list[str], out_dir: str | Path, *, tokenizer_path: str | No
         raise DataError(f"unit={unit!r}: expected one of {', '.join(UNITS)}")
     if shard_tokens < 1:
         raise DataError(f"shard_tokens={shard_tokens}: expected >= 1")
-    resolved, skipped = _check_text(_resolve_sources(sources), encoding, skip_undecodable)
+    resolved, skipped = check_text(resolve_sources(sources), encoding, skip_undecodable)
     source = ", ".join(sources)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        meta = _write_dataset(tmp, lambda: _documents(resolved, text_field, hf_split, hf_config, streaming,
+        meta = _write_dataset(tmp, lambda: documents_of(resolved, text_field, hf_split, hf_config, streaming,
                                                       max_documents, unit, encoding),
                               source=source, tokenizer_path=tokenizer_path, vocab_size=vocab_size,
                               val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, progress=progress,
