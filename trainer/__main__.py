@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from trainer.errors import StartupStopped, exit_code, message  # torch-free: ready before the slow imports
+from trainer.errors import EXIT_PREEMPTED  # torch-free: ready before the slow imports
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -21,8 +21,13 @@ EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C
 
 
 def _stop_during_startup(signum, frame):
-    raise StartupStopped(f"stopped by {signal.Signals(signum).name} during start-up, before the first step: "
-                         f"nothing to save; run the same command to start again")
+    # Exit here rather than raise: the signal lands mostly inside an import, and an exception
+    # thrown there can be swallowed by a library and leave a module half-imported (numpy's
+    # lazy submodules then recurse forever). Nothing is written yet; the kernel drops the lock.
+    print(f"error: stopped by {signal.Signals(signum).name} during start-up, before the first step: "
+          f"nothing to save; run the same command to start again", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_PREEMPTED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +39,6 @@ def main(argv: list[str] | None = None) -> int:
             previous[sig] = signal.signal(sig, _stop_during_startup)
     try:
         return _main(argv)
-    except StartupStopped as e:
-        print(message(e), file=sys.stderr)
-        return exit_code(e)
     except KeyboardInterrupt:
         print("interrupted: stopped at once; resume from the last checkpoint with the same command", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -62,7 +64,7 @@ def _mark_preempted(run_dir: str, code: int) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from trainer.errors import EXIT_PREEMPTED, Preempted, exit_code, message
+    from trainer.errors import Preempted, exit_code, message
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -77,7 +79,7 @@ def _main(argv: list[str] | None) -> int:
             raise
         if code != EXIT_PREEMPTED:  # a preemption has already said what it did
             print(message(e), file=sys.stderr)
-        elif type(e) is Preempted:  # it carries the run directory; a stop during start-up has none
+        elif isinstance(e, Preempted):  # it carries the run directory
             code = _mark_preempted(str(e), code)
         return code
     return 0

@@ -45,15 +45,10 @@ class Preempted(Exception):
     """Raised after the preemption checkpoint is written."""
 
 
-class StartupStopped(BaseException):
-    """A preemption signal arrived before training began: nothing to save, requeue me. A
-    BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it."""
-
-
 def exit_code(exc: BaseException) -> int | None:
     """The exit code for an exception the user should see as one line; None for a bug (let
     the traceback through)."""
-    if isinstance(exc, (Preempted, StartupStopped)):
+    if isinstance(exc, Preempted):
         return EXIT_PREEMPTED
     if isinstance(exc, (ConfigError, DataError, DistributedError, RunDirError, FileNotFoundError)):
         return EXIT_USAGE
