@@ -101,7 +101,7 @@ def _spec(item: str) -> tuple[str, list[str]]:
 
 def _run(item: str, tmp: Path, overrides: list[str], argv_prefix=(), nproc: int = 1, env=None) -> Path:
     """Train one bench item (a fresh process, or an N-process job) and return its run directory."""
-    from launcher.launch import child_env, compose
+    from launcher.launch import child_env, compose, free_port
 
     name, extra = _spec(item)
     run = Path(tmp) / re.sub(r"[^\w.=-]+", "_", item) / f"n{nproc}"
@@ -109,7 +109,7 @@ def _run(item: str, tmp: Path, overrides: list[str], argv_prefix=(), nproc: int 
     if nproc == 1:
         argv, env = [sys.executable, "-m", "launcher.bench", *args], {**os.environ, **(env or {})}
     else:
-        argv, changes = compose(None, args, gpus_per_node=nproc, cpu=True, main_port=_free_port(),
+        argv, changes = compose(None, args, gpus_per_node=nproc, cpu=True, main_port=free_port(),
                                 module="launcher.bench")
         env = child_env({**changes, **(env or {})})
     code = subprocess.call([*argv_prefix, *argv], stdout=subprocess.DEVNULL, env=env)
@@ -117,13 +117,6 @@ def _run(item: str, tmp: Path, overrides: list[str], argv_prefix=(), nproc: int 
         raise RuntimeError(f"{item}: the {nproc}-process run failed (exit {code}); run it alone to see why: "
                            f"{' '.join(map(shlex.quote, [*argv_prefix, *argv]))}")
     return run
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TC_RATE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)bit$")

@@ -18,6 +18,7 @@ import argparse
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,13 @@ def _has_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a job's rendezvous on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _config_deepspeed(config_path, overrides) -> str:

@@ -232,7 +232,7 @@ class Run:
 
 def launch(tmp: Path, name: str, deepspeed: str, overrides: list[str], cache: Path, timeout: int = 300) -> Run:
     from launcher.launch import child_env, compose
-    from tests.test_distributed import free_port
+    from launcher.launch import free_port
 
     run_dir, probe_dir = tmp / name, tmp / f"{name}-probe"
     with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):  # two processes share the cores

@@ -15,26 +15,19 @@ import json
 import os
 from unittest import mock
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from launcher.launch import child_env, compose
+from launcher.launch import child_env, compose, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 PERTURB_PARAM = "layers.1.self_attn.v_proj.weight"
 GRAD_ACCUM = 4
 WORKER = ["train.grad_accum=4", "data.batch_size=4", "optimizer.lr=1e-3", "distributed.timeout_s=20"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_worker(out: Path, phases: str, overrides: list[str], procs: int = 2, timeout: int = 240):

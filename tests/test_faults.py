@@ -301,7 +301,7 @@ def launch_pair(run_dir: Path, port: int, *extra: str, env: dict | None = None) 
 
 
 def test_rank_killed_mid_checkpoint_the_other_exits_in_time_and_restart_is_exact(tmp_path):
-    from tests.test_distributed import free_port
+    from launcher.launch import free_port
 
     pair = ["train.max_steps=6", "logging.log_every=1", "distributed.timeout_s=10"]
     ref = launch_pair(tmp_path / "ref", free_port(), *pair)
@@ -383,7 +383,7 @@ def _ddp_buckets_worker(rank: int, port: int, out: Path) -> None:
 
 
 def test_ddp_byte_counter_over_several_buckets_is_exact(tmp_path):
-    from tests.test_distributed import free_port
+    from launcher.launch import free_port
 
     port, pids = free_port(), []
     for rank in (0, 1):

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.shapes import SIZES, ModelArgs, model_args  # noqa: F401  (SIZES re-exported for callers)
+from trainer.shapes import ModelArgs, model_args
 
 
 class RMSNorm(nn.Module):
