@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from trainer.errors import exit_code, message
+    from trainer.errors import exit_code, message, one_line_warnings
+    one_line_warnings()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)  # --help prints: a closed pipe can strike here too

@@ -199,8 +199,13 @@ def status(run_dir: str | Path, env: dict | None = None) -> str:
         lines.append(f"log: {run_dir.resolve() / f'slurm-{job_id}.out'}")
     else:
         lines.append("no job submitted from this run directory (no slurm.jobs)")
-    records = rundir.RunDir(run_dir).read_metrics()
+    run = rundir.RunDir(run_dir)
+    records = run.read_metrics()
     lines.append(f"last metrics: {json.dumps(records[-1])}" if records else "last metrics: none yet")
+    # The rebuilt view above drops lifecycle events; the last preempt or resume is what an operator asks about.
+    events = [r for r in run.read_raw_metrics() if r.get("event") in rundir.LIFECYCLE]
+    if events:
+        lines.append(f"last event: {json.dumps(events[-1])} ({len(events)} in all)")
     return "\n".join(lines)
 
 

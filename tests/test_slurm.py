@@ -334,6 +334,10 @@ def test_preempt_requeue_resume_matches_uninterrupted(ddp_run, slurm_cluster, lr
     assert not (run_dir / "preempted").exists()  # removed when the requeued job started
     events = [r for r in _records(run_dir) if r.get("event") == "preempt"]
     assert len(events) == 1 and 3 <= events[0]["step"] < 40, text
+    # Console lines come from global rank 0 only, not once per node.
+    assert text.count("done: 40 steps") == 1 and text.count("resumed from") == 1, text
+    status = slurm.status(run_dir, env=slurm_cluster.env)
+    assert '"event": "resume"' in status.splitlines()[-1] and "(2 in all)" in status, status
     _check_distributed(run_dir)
     got, want = _losses(run_dir), _losses(reference)
     assert sorted(got) == sorted(want) == list(range(1, 41))

@@ -101,11 +101,13 @@ def build_accelerator(cfg):
     """The Accelerator for this process (see the module docstring for the traps)."""
     # torch deprecates broadcast_buffers=False (set below, on purpose) for a replacement that Accelerate does not pass yet.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    device = resolve_device(cfg)
+    cpu = device == "cpu"
+    if cpu:  # else DeepSpeed, imported by Accelerate, warns on every CPU run that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    device = resolve_device(cfg)
-    cpu = device == "cpu"
     stage = cfg.distributed.deepspeed
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
                                        timeout=timedelta(seconds=cfg.distributed.timeout_s))]

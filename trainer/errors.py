@@ -6,6 +6,9 @@ One map from exception to exit code serves `lrpt train`, `python -m trainer` and
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run failed (a non-finite loss, ranks out of step)
 EXIT_USAGE = 2  # bad config, bad data, missing file: nothing was trained
@@ -60,3 +63,16 @@ def exit_code(exc: BaseException) -> int | None:
 def message(exc: BaseException) -> str:
     """The one line printed for `exc` (config errors say so, the rest are plain errors)."""
     return f"{'config error' if isinstance(exc, ConfigError) else 'error'}: {exc}"
+
+
+_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_line_warnings() -> None:
+    """Warnings on one line: ours as `warning: ...` (they are messages to the user), others
+    with where they came from but without the echoed source line."""
+    def formatwarning(msg, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(_OURS + os.sep) and ".venv" not in filename:
+            return f"warning: {msg}\n"
+        return f"{filename}:{lineno}: {category.__name__}: {msg}\n"
+    warnings.formatwarning = formatwarning

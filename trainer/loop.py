@@ -29,7 +29,7 @@ from trainer.engine import Engine
 from trainer.errors import EXIT_PREEMPTED, CheckpointError, NonFiniteLoss, Preempted, RunDirError
 from trainer.evaluate import minimal_pairs_record, validation_batches, validation_loss
 from trainer.model import build_model
-from trainer.ranks import all_reduce_sum, broadcast_str
+from trainer.ranks import all_reduce_sum, broadcast_str, say
 from trainer.resume import open_run_dir
 from trainer.rundir import RunDir, default_run_dir
 from trainer.strategies import build_strategy
@@ -118,9 +118,9 @@ class Trainer:
         self.resumed_metrics_offset = 0  # a start over redoes every record already there
         if resume_from is not None:
             self.load_state_dict(ckpt.read(resume_from))
-            acc.print(f"resumed from {resume_from} at step {self.state.step}")
+            say(acc, f"resumed from {resume_from} at step {self.state.step}")
         if opened["changed"]:
-            acc.print("resuming with changed settings: " + ", ".join(
+            say(acc, "resuming with changed settings: " + ", ".join(
                 f"{k} {a!r} -> {b!r}" for k, (a, b) in opened["changed"].items()))
         if acc.is_main_process and opened["had_records"]:
             # Marks what a reader must drop: the records written after the checkpoint (view: RunDir.read_metrics).
@@ -176,13 +176,13 @@ class Trainer:
         # What the val split holds caps eval_batches (trainer/data/loader.py eval_batches).
         held = (self.data.num_tokens("val") - 1) // c.data.seq_len // c.data.batch_size
         val_sequences = min(c.logging.eval_batches, held) * c.data.batch_size
-        self.accelerator.print(
-               f"model {c.model.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}"
-               f"/{a.num_kv_heads}, vocab {a.vocab_size}\n{self.strategy.describe(module)}\n"
-               f"world size {self.world}, {c.data.batch_size} seq x {c.data.seq_len} tokens x "
-               f"{c.train.grad_accum} accum per rank = {self.tokens_per_step:,} tokens/step\n"
-               f"validation: {val_sequences} sequences ({val_sequences * c.data.seq_len:,} tokens) at every evaluation\n"
-               f"run directory: {self.run.path}")
+        say(self.accelerator,
+            f"model {c.model.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}"
+            f"/{a.num_kv_heads}, vocab {a.vocab_size}\n{self.strategy.describe(module)}\n"
+            f"world size {self.world}, {c.data.batch_size} seq x {c.data.seq_len} tokens x "
+            f"{c.train.grad_accum} accum per rank = {self.tokens_per_step:,} tokens/step\n"
+            f"validation: {val_sequences} sequences ({val_sequences * c.data.seq_len:,} tokens) at every evaluation\n"
+            f"run directory: {self.run.path}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -321,7 +321,7 @@ class Trainer:
                 if bar is not None:
                     bar.write(note)
                 else:
-                    acc.print(note)
+                    say(acc, note)
             # Ranks are compared after merges and every guard_every steps, not after each
             # switch (most steps early on); the check's time is kept out of the step's.
             guard_every = cfg.distributed.guard_every
@@ -362,7 +362,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     bar.write(msg)
                 else:
-                    acc.print(msg)
+                    say(acc, msg)
                 window_loss, window_steps, window_t0, window_guard_s = 0.0, 0, time.perf_counter(), 0.0
             if bar is not None:
                 bar.update(1)
@@ -377,14 +377,14 @@ class Trainer:
                     bar.close()
                 self.log({"step": st.step, "tokens": st.tokens, "event": "preempt" if preempted else "stop"})
                 if preempted:
-                    acc.print(f"stopped on {stop.name or 'a signal to another rank'}: checkpoint written at step "
+                    say(acc, f"stopped on {stop.name or 'a signal to another rank'}: checkpoint written at step "
                                 f"{st.step}; exiting {EXIT_PREEMPTED} (run the same command to resume)")
                     raise Preempted(str(self.run.path))
-                acc.print(f"stopped at train.stop_at={st.step}; run directory: {self.run.path}")
+                say(acc, f"stopped at train.stop_at={st.step}; run directory: {self.run.path}")
                 return self.run.path
         if bar is not None:
             bar.close()
-        acc.print(f"done: {st.step} steps, {st.tokens:,} tokens. Run directory: {self.run.path}")
+        say(acc, f"done: {st.step} steps, {st.tokens:,} tokens. Run directory: {self.run.path}")
         return self.run.path
 
 

@@ -11,6 +11,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def say(accelerator, message: str) -> None:
+    """Print once per job, on global rank 0 (`accelerator.print` prints on every node's local
+    rank 0, so a multi-node SLURM log would hold each line once per node)."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 def broadcast_str(value: str) -> str:
     """Rank 0's value on every rank (run directory names carry timestamps)."""
     if not is_distributed():
