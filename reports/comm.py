@@ -150,8 +150,9 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
     payload (trainer/comm.py); `*_wire_bytes_per_step` are the ring-algorithm bytes a rank
     sends. `saving_vs_full` is a payload ratio: against a full-rank run's measured sync bytes
     when `full_rank_run` is given (this run measured too), else the analytic figures for both
-    sides, the same model with and without the strategy on the same engine and world size,
-    which is exactly 1 - trainable bytes / full-rank bytes (the wire ratio is the same).
+    sides: this run against the same model without the strategy, synced as plain DDP (fp32
+    gradients every step) on the same engine and world size. Without a hook or DiLoCo that is
+    exactly 1 - trainable bytes / full-rank bytes (the wire ratio is the same).
     Projected times are analytic wire bytes divided by each link bandwidth, for the run's
     world size and for `world_size` if given."""
     full_measured = None

@@ -213,3 +213,19 @@ def test_comm_report_from_a_config_alone(tmp_path):
     assert row["measured_bytes_per_step"] is None
     assert row["saving_vs_full"] == pytest.approx(0.466, abs=0.002)
     assert os.fspath(cfg) == row["run"]
+
+
+
+@pytest.mark.parametrize("distributed, ratio", [
+    ("{comm_hook: bf16}", 0.5),
+    ("{sync: diloco, diloco_inner_steps: 50}", 1 / 50),
+    ("{sync: diloco, diloco_inner_steps: 10, outer_dtype: bf16}", 1 / 20)])
+def test_saving_is_against_plain_full_rank_ddp(tmp_path, distributed, ratio):
+    """A hook or DiLoCo on full rank saves against what plain DDP sends (fp32 gradients every
+    step), the baseline a user knows; not 0% against itself."""
+    plain, cfg = tmp_path / "plain.yaml", tmp_path / "c.yaml"
+    plain.write_text("model: {name: llama-60m}\n")
+    cfg.write_text(f"model: {{name: llama-60m}}\ndistributed: {distributed}\n")
+    (ddp,), (row,) = report.comm_report([plain], world_size=2), report.comm_report([cfg], world_size=2)
+    assert row["full_rank_bytes_per_step"] == ddp["full_rank_bytes_per_step"] == ddp["analytic_bytes_per_step"]
+    assert row["saving_vs_full"] == pytest.approx(1 - ratio, abs=1e-9)

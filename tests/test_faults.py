@@ -303,7 +303,8 @@ def launch_pair(run_dir: Path, port: int, *extra: str, env: dict | None = None) 
 def test_rank_killed_mid_checkpoint_the_other_exits_in_time_and_restart_is_exact(tmp_path):
     from launcher.launch import free_port
 
-    pair = ["train.max_steps=6", "logging.log_every=1", "distributed.timeout_s=10"]
+    # Checkpoint 3 inside the log window 2-4: the restart's record at 4 carries step 3's bytes.
+    pair = ["train.max_steps=6", "logging.log_every=2", "distributed.timeout_s=10"]
     ref = launch_pair(tmp_path / "ref", free_port(), *pair)
     run = tmp_path / "run"
     procs = launch_pair(run, free_port(), *pair, env={"LRPT_TEST_PAUSE": "before_rename@6"})

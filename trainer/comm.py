@@ -287,6 +287,11 @@ class CommMeter:
             out[category] = dict(bytes=int(b), wire_bytes=float(w), seconds=float(s), calls=int(c))
         return out
 
+    @staticmethod
+    def pending(category: str) -> int:
+        """Bytes of `category` since the previous pop, not popped (a checkpoint keeps them)."""
+        return int(LEDGER.totals(category)[0] - LEDGER.popped.get(category, (0,))[0])
+
     @property
     def startup_bytes(self) -> int:
         return LEDGER.totals("startup")[0]
@@ -319,7 +324,11 @@ def model_bytes(cfg, args, step: int | None = None) -> dict:
     """Parameter bytes of the model `args` (a ModelArgs: model.json of a run) with `cfg`'s
     strategy applied for optimizer step `step` (default: after any warm start), counted on
     the meta device (no memory: works up to 7B). `base_bytes` is the same model without
-    adapters, every weight trainable: what full-rank training syncs."""
+    adapters, every weight trainable; `full_sync_bytes_per_step` what plain full-rank DDP
+    sends for it (fp32 gradients every step, no hook, no DiLoCo): the baseline a user knows,
+    so that a hook's or DiLoCo's saving shows against it too."""
+    from dataclasses import replace
+
     from trainer.model import Transformer
     from trainer.strategies import build_strategy
 
@@ -336,7 +345,8 @@ def model_bytes(cfg, args, step: int | None = None) -> dict:
                 trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
                 total_bytes=sum(p.numel() * p.element_size() for p in params), base_bytes=base,
                 sync_bytes_per_step=sync_payload_bytes(trainable, cfg.distributed),
-                full_sync_bytes_per_step=sync_payload_bytes(base_params, cfg.distributed))
+                full_sync_bytes_per_step=sync_payload_bytes(
+                    base_params, replace(cfg.distributed, comm_hook="none", sync="every_step")))
 
 
 def sync_payload_bytes(params, d) -> float:

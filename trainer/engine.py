@@ -85,6 +85,18 @@ class Engine:
         return True
 
     @torch.no_grad()
+    def add_low_rank(self, p: nn.Parameter, left: torch.Tensor, right: torch.Tensor, alpha: float) -> None:
+        """p += alpha left @ right in fp32: in place where the module tensor is the fp32
+        master (DDP, a frozen W under ZeRO-1/2), else read, add, write. SwitchLoRA edits
+        every wrapped W most steps: a copy in and out would move W through memory 3x more."""
+        if self.zero_stage != 3 and not self.is_managed(p) and p.dtype == torch.float32:
+            p.addmm_(left.to(p.device), right.to(p.device), alpha=alpha)
+            return
+        W = self.read_param(p)
+        W.addmm_(left.to(W.device, W.dtype), right.to(W.device, W.dtype), alpha=alpha)
+        self.write_param(p, W)
+
+    @torch.no_grad()
     def write_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
         """Set the master value of `p` and the module's working copy."""
         value = value.to(device=p.device)

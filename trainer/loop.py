@@ -46,9 +46,10 @@ class TrainState:
     comm_bytes_total: int = 0
     elapsed_s: float = 0.0
     # The logging window open at a checkpoint: a resume continues it, so the interval that
-    # contains the resume logs the same mean loss as the uninterrupted run.
+    # contains the resume logs the same mean loss and bytes (its own ledger never saw them).
     window_loss: float = 0.0
     window_steps: int = 0
+    window_sync_bytes: int = 0
 
 
 class _StopFlag:
@@ -349,7 +350,7 @@ class Trainer:
                     record.update(self.minimal_pairs())
                 # After the evaluation, so that its validation sums are in this record's control bytes.
                 popped = self.comm.pop()
-                comm_bytes = popped["sync"]["bytes"]
+                comm_bytes, st.window_sync_bytes = popped["sync"]["bytes"] + st.window_sync_bytes, 0
                 st.comm_bytes_total += comm_bytes
                 record.update(comm_bytes=comm_bytes, comm_bytes_total=st.comm_bytes_total,
                               comm_time_s=popped["sync"]["seconds"], **comm_record_fields(popped))
@@ -370,15 +371,16 @@ class Trainer:
             preempted = n_stop > 0
             stopping = preempted or st.step == cfg.train.stop_at
             if st.step % cfg.checkpoint.every == 0 or last or stopping:
-                st.window_loss, st.window_steps = window_loss, window_steps
+                st.window_loss, st.window_steps, st.window_sync_bytes = window_loss, window_steps, self.comm.pending("sync")
                 self.save_checkpoint()
+                st.window_sync_bytes = 0  # this process's ledger still holds them
             if stopping:
                 if bar is not None:
                     bar.close()
                 self.log({"step": st.step, "tokens": st.tokens, "event": "preempt" if preempted else "stop"})
                 if preempted:
                     say(acc, f"stopped on {stop.name or 'a signal to another rank'}: checkpoint written at step "
-                                f"{st.step}; exiting {EXIT_PREEMPTED} (run the same command to resume)")
+                             f"{st.step}; exiting {EXIT_PREEMPTED} (run the same command to resume)")
                     raise Preempted(str(self.run.path))
                 say(acc, f"stopped at train.stop_at={st.step}; run directory: {self.run.path}")
                 return self.run.path

@@ -197,11 +197,15 @@ class SwitchLoRA(LoRA):
     def _switch_layer(self, step, m, pa, pb, k, g, eng) -> int:
         rows = _choose(pa.eligible(step), k, g)
         s, freeze = float(m.lora_scale), self.cfg.freeze_steps
-        W, A, B = eng.read_param(m.weight), eng.read_param(m.lora_A), eng.read_param(m.lora_B)
+        A, B = eng.read_param(m.lora_A), eng.read_param(m.lora_B)
+        # W absorbs both kinds of switch in one rank-2k update (one pass over W): rows first,
+        # with the old B; columns then, with the new A.
+        left, right = [], []
         if rows:
             I = torch.tensor(rows, device=A.device)
             C = torch.stack([pa.switch(i, A[i]) for i in rows]).to(A.device)
-            W.addmm_(B[:, I], A[I] - C, alpha=s)
+            left.append(B[:, I])
+            right.append(A[I] - C)
             A[I] = C
             for i in rows:
                 pb.frozen_until[i] = step + freeze
@@ -210,11 +214,13 @@ class SwitchLoRA(LoRA):
         if cols:
             J = torch.tensor(cols, device=B.device)
             D = torch.stack([pb.switch(j, B[:, j]) for j in cols], dim=1).to(B.device)
-            W.addmm_(B[:, J] - D, A[J], alpha=s)
+            left.append(B[:, J] - D)
+            right.append(A[J])
             B[:, J] = D
             for j in cols:
                 pa.frozen_until[j] = step + freeze
-        eng.write_param(m.weight, W)
+        if left:
+            eng.add_low_rank(m.weight, torch.cat(left, dim=1), torch.cat(right, dim=0), s)
         eng.write_param(m.lora_A, A)
         eng.write_param(m.lora_B, B)
         # The counterpart's moments were accumulated against the vector that is gone.
