@@ -69,12 +69,23 @@ def merge_tokens(records: list[dict]) -> list:
     return sorted({r["tokens"] for r in records if r.get("event") == "merge" and _finite(r.get("tokens"))})
 
 
+def describe_sync(cfg: dict) -> str:
+    """'relora', 'full + powersgd', 'relora + DiLoCo H=50': what tells overlaid runs apart."""
+    d = cfg.get("distributed") or {}
+    parts = [cfg["strategy"]["name"]]
+    if d.get("comm_hook", "none") != "none":
+        parts.append(d["comm_hook"])
+    if d.get("sync") == "diloco":
+        parts.append(f"DiLoCo H={d.get('diloco_inner_steps')}")
+    return " + ".join(parts)
+
+
 def load_run(run_dir: str | Path) -> Run:
     rd = RunDir(run_dir)
     label = rd.path.name
     try:
-        strategy = (yaml.safe_load(rd.config.read_text()) or {}).get("strategy", {}).get("name")
-        label += f" ({strategy})" if strategy else ""
+        cfg = yaml.safe_load(rd.config.read_text()) or {}
+        label += f" ({describe_sync(cfg)})" if cfg.get("strategy", {}).get("name") else ""
     except (OSError, yaml.YAMLError, AttributeError):
         pass
     records = rd.read_metrics()

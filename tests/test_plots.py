@@ -90,3 +90,11 @@ def test_merges_are_marked_on_the_loss_plot(tmp_path):
     assert merge_tokens(load_run(run).records) == [102400]
     assert load_run(run).lr[0][-1] == 300  # the default max_steps: the schedule, not the records
     assert (tmp_path / "plots" / "loss.png") in plot_runs([run], tmp_path / "plots")
+
+
+def test_overlaid_runs_are_told_apart_by_strategy_hook_and_sync():
+    from reports.plots import describe_sync
+    assert describe_sync({"strategy": {"name": "relora"}}) == "relora"
+    assert describe_sync({"strategy": {"name": "full"}, "distributed": {"comm_hook": "powersgd"}}) == "full + powersgd"
+    assert describe_sync({"strategy": {"name": "relora"}, "distributed": {
+        "comm_hook": "none", "sync": "diloco", "diloco_inner_steps": 50}}) == "relora + DiLoCo H=50"
