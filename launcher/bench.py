@@ -216,4 +216,5 @@ def bench(a) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(worker(sys.argv[1:]))
+    from trainer.errors import exit_process
+    exit_process(worker(sys.argv[1:]))

@@ -82,7 +82,7 @@ def compose(config_path, overrides=(), *, nodes: int = 1, node_rank: int = 0, ma
     total = nodes * gpus_per_node
     use_ds = deepspeed != "none"
 
-    argv = [sys.executable, "-m", "accelerate.commands.launch",
+    argv = [sys.executable, "-m", "launcher.agent",  # `accelerate launch`, see agent.py
             "--config_file", str(ACCELERATE_CONFIGS / ("deepspeed.yaml" if use_ds else "ddp.yaml")),
             "--num_machines", str(nodes), "--machine_rank", str(node_rank),
             "--main_process_ip", main_ip, "--main_process_port", str(main_port),

@@ -201,4 +201,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from trainer.errors import exit_process
+    exit_process(main(sys.argv[1:]))

@@ -682,4 +682,5 @@ def test_validation_loss_is_the_same_at_any_world_size_and_in_lrpt_eval(which, r
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(_probe_main(sys.argv[1:]))
+    from trainer.errors import exit_process
+    exit_process(_probe_main(sys.argv[1:]))

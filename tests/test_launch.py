@@ -71,5 +71,69 @@ def test_lrpt_launch_print(capsys):
     assert main(["launch", "train.max_steps=3", "--nodes", "2", "--node-rank", "1", "--main-ip", "10.1.1.1",
                  "--gpus-per-node", "2", "--deepspeed", "zero1", "--print"]) == 0
     out = capsys.readouterr().out
-    assert "accelerate.commands.launch" in out and "--machine_rank 1" in out and "zero1.json" in out
+    assert "launcher.agent" in out and "--machine_rank 1" in out and "zero1.json" in out
     assert "train.max_steps=3" in out
+
+
+def test_agent_logs_the_exit_barrier_race_as_one_line():
+    """torch elastic's own logger, its own record (api.py's `_exit_barrier`), through our filter:
+    one warning line with the error's first line, no traceback; other records untouched."""
+    import io
+    import logging
+
+    from torch.distributed import DistNetworkError
+    from torch.distributed.elastic.agent.server import api
+
+    from launcher.agent import ExitBarrierOneLine
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger(api.__name__)
+    keep_filters, keep_propagate = list(log.filters), log.propagate
+    log.addHandler(handler), log.addFilter(ExitBarrierOneLine())
+    log.propagate = False
+    try:
+        try:
+            raise DistNetworkError("failed to recv, got 0 bytes\nException raised from recvBytes at ...")
+        except DistNetworkError:
+            log.exception("Error waiting on exit barrier. Elapsed: %s seconds", 0.01)
+        try:
+            raise ValueError("something else")
+        except ValueError:
+            log.exception("Some other failure")
+    finally:
+        log.removeHandler(handler)
+        log.filters[:] = keep_filters
+        log.propagate = keep_propagate
+    first, *rest = stream.getvalue().splitlines()
+    assert first == ("WARNING exit barrier: DistNetworkError: failed to recv, got 0 bytes (local workers had "
+                     "finished; the exit code is theirs)")
+    assert rest[0] == "ERROR Some other failure" and "Traceback" in rest[1] and "ValueError" in rest[-1]
+
+
+def test_exit_process_runs_atexit_and_keeps_the_code(tmp_path):
+    """A worker leaves through exit_process with its gloo threads still up (the group
+    referenced, as DDP's reducer references it): the code is its own, atexit handlers ran,
+    buffered output reached the pipe."""
+    import subprocess
+    import sys
+
+    from launcher.launch import free_port
+
+    marker = tmp_path / "atexit-ran"
+    script = f"""
+import atexit, os, torch, torch.distributed as dist
+from trainer.errors import exit_process
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+dist.init_process_group("gloo", rank=0, world_size=1)
+keep = dist.group.WORLD
+dist.all_reduce(torch.ones(4), async_op=True)
+atexit.register(lambda: open({str(marker)!r}, "w").write("yes"))
+print("buffered", end="")
+exit_process(7)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=launch.ROOT)
+    assert out.returncode == 7, out.stderr
+    assert out.stdout == "buffered" and marker.read_text() == "yes"

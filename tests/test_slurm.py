@@ -134,8 +134,8 @@ p.add_argument("--main-ip"); p.add_argument("--deepspeed")
 a = p.parse_args()
 kv = dict(i.split("=", 1) for i in a.items if "=" in i)
 os.environ["ACCELERATE_USE_CPU"] = "1"
-accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-os.execv(accelerate, [accelerate, "launch", "--multi_gpu", "--num_machines", str(a.nodes),
+# launcher.agent is `accelerate launch` as `lrpt launch` runs it (exit-barrier log made one line)
+os.execv(sys.executable, [sys.executable, "-m", "launcher.agent", "--multi_gpu", "--num_machines", str(a.nodes),
          "--machine_rank", str(a.node_rank), "--main_process_ip", a.main_ip,
          "--main_process_port", str(a.main_port), "--num_processes", str(a.nodes * a.gpus_per_node),
          "--mixed_precision", "no", "--dynamo_backend", "no",

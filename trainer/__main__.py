@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 
-from trainer.errors import EXIT_PREEMPTED, one_line_warnings  # torch-free: ready before the slow imports
+from trainer.errors import EXIT_PREEMPTED, exit_process, one_line_warnings  # torch-free: ready before the slow imports
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -88,4 +88,4 @@ def _main(argv: list[str] | None) -> int:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     one_line_warnings()
-    sys.exit(main())
+    exit_process(main())
