@@ -380,26 +380,24 @@ def _ddp_buckets_worker(rank: int, port: int, out: Path) -> None:
         ddp(torch.randn(4, 64)).sum().backward()
         steps.append(meter.pop()["sync"])
     out.joinpath(f"rank{rank}.json").write_text(json.dumps({"trainable": trainable, "steps": steps}))
+    del ddp  # its reducer holds the group: free both before the interpreter finalizes
     dist.destroy_process_group()
 
 
 def test_ddp_byte_counter_over_several_buckets_is_exact(tmp_path):
+    import multiprocessing
+
     from launcher.launch import free_port
 
-    port, pids = free_port(), []
-    for rank in (0, 1):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                _ddp_buckets_worker(rank, port, tmp_path)
-            except BaseException:  # noqa: BLE001 - reported through the exit code
-                import traceback
-                traceback.print_exc()
-                code = 1
-            os._exit(code)
-        pids.append(pid)
-    assert [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids] == [0, 0]
+    # Fresh interpreters, not forks: by now the pytest process has thread pools (compile
+    # workers, tqdm's monitor), and a fork taken while one of them holds a lock can hang.
+    port, spawn = free_port(), multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=_ddp_buckets_worker, args=(rank, port, tmp_path)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    assert [p.exitcode for p in procs] == [0, 0]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert all(s["bytes"] == r["trainable"] for s in r["steps"]), r  # every bucket, each once

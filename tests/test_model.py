@@ -41,3 +41,29 @@ def test_grouped_query_attention_shapes():
     model = Transformer(model_args(ModelConfig(name="micro", num_kv_heads=2), seq_len=8, vocab_size=32))
     assert model.layers[0].self_attn.k_proj.weight.shape == (64, 128)
     assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_is_autograds_bitwise_and_keeps_one_tensor_less(dtype):
+    import torch.nn.functional as F
+
+    from trainer.model import SwiGLU
+
+    torch.manual_seed(0)
+    gate, up = (torch.randn(32, 96, dtype=dtype, requires_grad=True) for _ in range(2))
+    grad = torch.randn(32, 96, dtype=dtype)
+    saved = {}
+
+    def run(fn):
+        count = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.append(t.numel()) or t, lambda t: t):
+            y = fn(gate, up)
+        saved[fn] = sum(n for n in count if n == gate.numel())
+        return (y, *torch.autograd.grad(y, (gate, up), grad))
+
+    def plain(g, u):
+        return F.silu(g) * u
+
+    ours, autograd = run(SwiGLU.apply), run(plain)
+    assert all(torch.equal(a, b) for a, b in zip(ours, autograd))
+    assert saved[SwiGLU.apply] == 2 * gate.numel() and saved[plain] == 3 * gate.numel()
