@@ -16,7 +16,7 @@ class ExitBarrierOneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and str(record.msg).startswith("Error waiting on exit barrier"):
             error = record.exc_info[1]
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            first = (str(error).strip().splitlines() or [""])[0]
             record.msg = (f"exit barrier: {type(error).__name__}: {first} (local workers had finished; "
                           f"the exit code is theirs)")
             record.args, record.exc_info, record.exc_text = (), None, None
