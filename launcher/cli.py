@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="YAML configs, one sweep file from configs/experiments/, or run directories "
                     "(tabulated as they are: nothing is trained)")
     co.add_argument("--out", required=True, help="directory for the runs, table and plots")
-    co.add_argument("--set", nargs="*", metavar="key=value", help="overrides applied to every run")
+    co.add_argument("--set", nargs="*", action="extend", metavar="key=value", help="overrides applied to every run")
     co.set_defaults(fn=cmd_compare)
 
     b = sub.add_parser("bench", help="speed and memory per strategy: tokens/s, step time, peak memory, MFU; "
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="micro")
     b.add_argument("--strategies", nargs="+", default=["full", "lora", "relora", "switchlora"])
     b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--set", nargs="*", metavar="key=value", default=[])
+    b.add_argument("--set", nargs="*", action="extend", metavar="key=value", default=[])
     b.add_argument("--json", action="store_true", help="print a JSON list, one object per strategy")
     b.add_argument("--link", metavar="RATE", help="run each strategy as a multi-process gloo job over a loopback "
                    "rate-limited to RATE (tc syntax: 100mbit, 1gbit) in a private network namespace (needs root)")

@@ -2,6 +2,7 @@
 (no copy) through in-place edits; broken aliases are rebuilt or refreshed, never stale."""
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,13 +32,15 @@ def grads(m, x, fn):
     return y.detach(), x.grad, m.lora_A.grad.clone(), m.lora_B.grad.clone()
 
 
-def test_forward_backward_equal_plain():
-    m = make()
-    x = torch.randn(3, 5, 16)
+@pytest.mark.parametrize("rank", [4, 16])  # below 16 the CPU path forms the N x r products transposed
+def test_forward_backward_equal_plain(rank):
+    m = make(out=40, inp=32, rank=rank)
+    x = torch.randn(3, 5, 32)
     fused, ref = grads(m, x, lambda m, x: m(x)), grads(m, x, plain)
     assert m._wa is not None and m.weight.data_ptr() == m._wa.data_ptr()
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert m.lora_B.grad.is_contiguous() and m.lora_A.grad.is_contiguous()
 
 
 def test_rows_are_the_parameters_and_edits_in_place():

@@ -76,8 +76,11 @@ class Strategy:
                 f"frozen {humanize(c['frozen'])}; trainable share {100 * share:.1f}% of the base model")
 
     def make_optimizer(self, groups: list[dict], opt_cfg) -> torch.optim.Optimizer:
+        # fused: one pass over each tensor's weight, gradient and moments. On a CPU that is
+        # 8x the single-tensor step (100M parameters: 0.05 s against 0.44 s, docs/LOG.md);
+        # on a GPU one kernel instead of about ten per tensor.
         return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps,
-                                 foreach=False)
+                                 fused=True)
 
     # -- each step -------------------------------------------------------------------------
     def lr_multiplier(self, step: int, sched, max_steps: int) -> float:

@@ -47,6 +47,11 @@ def merged_state_dict(state_dict: dict) -> dict:
     return out
 
 
+def _thin(adapter: torch.Tensor) -> bool:
+    """Form this adapter's N x r products transposed (see _FusedLowRank)."""
+    return not adapter.is_cuda and min(adapter.shape) < 16
+
+
 class _FusedLowRank(torch.autograd.Function):
     """y = x W^T + s (x A^T) B^T from one buffer `wa` whose rows are [W; A].
 
@@ -55,7 +60,11 @@ class _FusedLowRank(torch.autograd.Function):
     faster than that (docs/LOG.md: MKL, 1B widths). Backward: W's weight gradient is never
     formed (W is frozen); dX = dY W + (s dY B) A accumulates in place, which measured faster
     than one GEMM over [dY, s dY B] (that needs a copy of dY); dA reads x once more. Only x,
-    h = x A^T (N x r, its own storage) and the buffer are saved."""
+    h = x A^T (N x r, its own storage) and the buffer are saved.
+
+    Below rank 16 on a CPU, the N x r and out x r products are formed as their transposes
+    (r rows) and used as views: MKL runs a product with fewer than 16 output columns 2-4x
+    slower than the same product transposed (docs/LOG.md; from rank 16 the plain form wins)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -67,7 +76,8 @@ class _FusedLowRank(torch.autograd.Function):
             y, h = both[:, :n_out], both[:, n_out:].contiguous()
             out = torch.addmm(y, h, B.t(), alpha=scale)
         else:
-            h = x2 @ wa[n_out:].t()
+            A_rows = wa[n_out:]
+            h = (A_rows @ x2.t()).t() if _thin(A_rows) else x2 @ A_rows.t()
             out = (x2 @ wa[:n_out].t()).addmm_(h, B.t().to(h.dtype), alpha=scale)
         ctx.save_for_backward(x2, wa, B, h)
         ctx.scale, ctx.n_out, ctx.x_shape = scale, n_out, x.shape
@@ -79,7 +89,9 @@ class _FusedLowRank(torch.autograd.Function):
         x2, wa, B, h = ctx.saved_tensors
         s, n_out = ctx.scale, ctx.n_out
         g = dy.reshape(-1, n_out)
-        gb = (g @ B.to(g.dtype)).mul_(s)  # s dY B, N x r
+        thin = _thin(B)
+        B = B.to(g.dtype)
+        gb = ((B.t() @ g.t()).t() if thin else g @ B).mul_(s)  # s dY B, N x r
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
             W, A = wa[:n_out].to(g.dtype), wa[n_out:].to(g.dtype)
@@ -87,7 +99,8 @@ class _FusedLowRank(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dA = gb.t() @ x2.to(gb.dtype)
         if ctx.needs_input_grad[3]:
-            dB = (g.t() @ h.to(g.dtype)).mul_(s)
+            h = h.to(g.dtype)
+            dB = ((h.t() @ g).t() if thin else g.t() @ h).mul_(s)
         return dx, None, dA, dB, None, None
 
 
