@@ -3,7 +3,8 @@ with `--link RATE`, seconds on a real slow link.
 
 Figures: median tokens/s and step time over the steps after warm-up (the first quarter is
 dropped), peak memory (CUDA: `max_memory_allocated`; CPU: growth of the process's peak RSS
-once the model is built, i.e. what training adds: gradients, optimizer state, activations),
+once the model is built, i.e. what training adds: gradients, optimizer state, activations;
+with glibc's mmap threshold fixed so that freed tensors leave RSS, see LIVE_RSS),
 the trainable share, and MFU: model FLOPs 6N + 12*L*d*T per token (REFERENCE.md's definition,
 so figures compare with its throughput anchors) over the device's peak dense bf16 FLOP/s,
 null on CPU.
@@ -119,6 +120,13 @@ def _run(item: str, tmp: Path, overrides: list[str], argv_prefix=(), nproc: int 
     return run
 
 
+# glibc raises its mmap threshold each time a large block is freed; after that, freed blocks of
+# up to 32 MiB stay in the heap, and RSS grows step after step with fragmentation (ReLoRA at
+# llama-1b widths, batch 16: +100 MiB a step, docs/LOG.md). A fixed threshold hands blocks back
+# as they are freed, so the CPU peak RSS counts live tensors, as max_memory_allocated does on
+# a GPU. Every strategy runs under it alike.
+LIVE_RSS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
 TC_RATE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)bit$")
 
 
@@ -181,7 +189,8 @@ def bench(a) -> int:
         for item in a.strategies:
             try:
                 if not link:
-                    run = _run(item, Path(tmp), [*base, *a.set])
+                    run = _run(item, Path(tmp), [*base, *a.set],
+                               env={k: os.environ.get(k, v) for k, v in LIVE_RSS.items()})
                     rows.append(_measure(_spec(item)[0] if ":" not in item else item, RunDir(run), a.model))
                     continue
                 # One thread per process in the job, and the same for its 1-process reference.
