@@ -124,8 +124,9 @@ def _run(item: str, tmp: Path, overrides: list[str], argv_prefix=(), nproc: int 
 # up to 32 MiB stay in the heap, and RSS grows step after step with fragmentation (ReLoRA at
 # llama-1b widths, batch 16: +100 MiB a step, docs/LOG.md). A fixed threshold hands blocks back
 # as they are freed, so the CPU peak RSS counts live tensors, as max_memory_allocated does on
-# a GPU. Every strategy runs under it alike.
-LIVE_RSS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# a GPU. 4 MiB and not lower: below it every small temporary would be a fresh mapping, whose
+# page faults slowed an optimizer of many small passes (SwitchLoRA's) by a fifth at 128 KiB.
+LIVE_RSS = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
 
 TC_RATE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)bit$")
 
