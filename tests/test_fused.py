@@ -32,7 +32,7 @@ def grads(m, x, fn):
     return y.detach(), x.grad, m.lora_A.grad.clone(), m.lora_B.grad.clone()
 
 
-@pytest.mark.parametrize("rank", [4, 16])  # below 16 the CPU path forms the N x r products transposed
+@pytest.mark.parametrize("rank", [4, 16])  # below THIN_RANK (16) the CPU path forms the N x r products transposed
 def test_forward_backward_equal_plain(rank):
     m = make(out=40, inp=32, rank=rank)
     x = torch.randn(3, 5, 32)

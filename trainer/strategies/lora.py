@@ -47,9 +47,7 @@ def merged_state_dict(state_dict: dict) -> dict:
     return out
 
 
-def _thin(adapter: torch.Tensor) -> bool:
-    """Form this adapter's N x r products transposed (see _FusedLowRank)."""
-    return not adapter.is_cuda and min(adapter.shape) < 16
+THIN_RANK = 16  # below it, a CPU forms the adapter's N x r products transposed (_FusedLowRank)
 
 
 class _FusedLowRank(torch.autograd.Function):
@@ -70,14 +68,15 @@ class _FusedLowRank(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, wa, A, B, scale: float, n_out: int):
         x2 = x.reshape(-1, x.shape[-1])
+        ctx.thin = not x2.is_cuda and wa.shape[0] - n_out < THIN_RANK
         if x2.is_cuda:
             both = x2 @ wa.t()
             # h copied out: a view would keep all of `both` (N x (out + r)) alive until backward.
             y, h = both[:, :n_out], both[:, n_out:].contiguous()
             out = torch.addmm(y, h, B.t(), alpha=scale)
         else:
-            A_rows = wa[n_out:]
-            h = (A_rows @ x2.t()).t() if _thin(A_rows) else x2 @ A_rows.t()
+            A = wa[n_out:]
+            h = (A @ x2.t()).t() if ctx.thin else x2 @ A.t()
             out = (x2 @ wa[:n_out].t()).addmm_(h, B.t().to(h.dtype), alpha=scale)
         ctx.save_for_backward(x2, wa, B, h)
         ctx.scale, ctx.n_out, ctx.x_shape = scale, n_out, x.shape
@@ -89,8 +88,7 @@ class _FusedLowRank(torch.autograd.Function):
         x2, wa, B, h = ctx.saved_tensors
         s, n_out = ctx.scale, ctx.n_out
         g = dy.reshape(-1, n_out)
-        thin = _thin(B)
-        B = B.to(g.dtype)
+        thin, B = ctx.thin, B.to(g.dtype)
         gb = ((B.t() @ g.t()).t() if thin else g @ B).mul_(s)  # s dY B, N x r
         dx = dA = dB = None
         if ctx.needs_input_grad[0]:
