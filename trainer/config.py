@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config_io import apply_dict, nest, read_yaml, yaml_problem
+from trainer.config_io import apply_dict, key_of, nest, read_yaml, to_dict, yaml_problem
 from trainer.errors import ConfigError  # noqa: F401  (re-exported: `from trainer.config import ConfigError`)
 from trainer.shapes import PROJECTIONS, SIZES, model_args
 from trainer.strategies import STRATEGIES  # torch-free: the registry holds names only
@@ -94,6 +94,10 @@ class StrategyConfig:
     # Storage of the frozen W of wrapped layers: fp32 | bf16 (half its memory; merges and
     # switches still add in fp32 and round once when stored back, see docs/LOG.md).
     frozen_dtype: str = "fp32"
+    # Hybrid and adaptive rank (lora, relora, switchlora)
+    full_rank: list[str] = field(default_factory=list)  # module patterns trained full rank, e.g. [layers.0.*, '*.self_attn.o']
+    ranks: dict[str, int] = field(default_factory=dict)  # rank per projection, e.g. {q: 16, v: 32}; others take strategy.rank
+    rank_budget: int = 0  # relora: ranks re-chosen at each merge within the bytes of uniform rank rank_budget; 0 = fixed ranks
 
 
 @dataclass
@@ -128,6 +132,7 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (and always at the end)
     keep: int = 3  # most recent complete checkpoints kept
+    async_: bool = field(default=False, metadata={"key": "async"})  # write checkpoints in the background while training goes on
 
 
 @dataclass
@@ -143,6 +148,8 @@ class DistributedConfig:
     outer_lr: float = 0.7  # DiLoCo: outer Nesterov SGD learning rate (OpenDiLoCo's)
     outer_momentum: float = 0.9  # DiLoCo: outer Nesterov momentum
     outer_dtype: str = "fp32"  # DiLoCo: pseudo-gradient all-reduce precision: fp32 | bf16 (half the bytes)
+    diloco_worker: str = "node"  # DiLoCo: what one worker is: node (data-parallel inside each node) | process
+    procs_per_node: int = 0  # processes per node; 0 = the launcher's LOCAL_WORLD_SIZE (set it to simulate nodes on one host)
 
 
 @dataclass
@@ -170,7 +177,7 @@ class Config:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +255,10 @@ def _validate(c: Config) -> None:
     one_of("strategy.frozen_dtype", c.strategy.frozen_dtype, ["fp32", "bf16"])
     for t in c.strategy.targets:  # names, like model.name: wrong whichever strategy is chosen
         one_of("strategy.targets", t, list(PROJECTIONS))
+    for t, r in c.strategy.ranks.items():
+        one_of("strategy.ranks", t, list(PROJECTIONS))
+        check(r > 0, f"strategy.ranks.{t}", r, "> 0")
+    check(c.strategy.rank_budget >= 0, "strategy.rank_budget", c.strategy.rank_budget, ">= 0 (0 = fixed ranks)")
     check(c.train.max_steps > 0, "train.max_steps", c.train.max_steps, "> 0")
     check(c.train.grad_accum > 0, "train.grad_accum", c.train.grad_accum, "> 0")
     check(c.train.stop_at >= 0, "train.stop_at", c.train.stop_at, ">= 0")
@@ -274,6 +285,8 @@ def _validate(c: Config) -> None:
         check(d.sync == "every_step", "distributed.comm_hook", d.comm_hook,
               "none with distributed.sync=diloco (no gradient all-reduce to encode)")
     one_of("distributed.sync", d.sync, ["every_step", "diloco"])
+    one_of("distributed.diloco_worker", d.diloco_worker, ["node", "process"])
+    check(d.procs_per_node >= 0, "distributed.procs_per_node", d.procs_per_node, ">= 0 (0 = from the launcher)")
     if d.sync == "diloco":
         check(d.diloco_inner_steps > 0, "distributed.diloco_inner_steps", d.diloco_inner_steps, "> 0")
         check(d.outer_lr > 0, "distributed.outer_lr", d.outer_lr, "> 0")
@@ -295,10 +308,10 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
     for f in fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            lines += describe(type(default), prefix + f.name + ".")
+            lines += describe(type(default), prefix + key_of(f) + ".")
         else:
             note = comments.get(f.name, "")
-            lines.append(f"{prefix + f.name:32s} = {default!r:14}  {note}".rstrip())
+            lines.append(f"{prefix + key_of(f):32s} = {default!r:14}  {note}".rstrip())
     return lines
 
 

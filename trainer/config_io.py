@@ -66,7 +66,8 @@ def apply_dict(obj, data: dict, prefix: str = "") -> set[str]:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in fields(obj)]
+    attrs = {key_of(f): f.name for f in fields(obj)}  # config key -> attribute
+    names = list(attrs)
     done: set[str] = set()
     for key, value in data.items():
         full = f"{prefix}{key}"
@@ -82,17 +83,45 @@ def apply_dict(obj, data: dict, prefix: str = "") -> set[str]:
             near = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {full!r}{hint}")
-        current = getattr(obj, key)
+        attr = attrs[key]
+        current = getattr(obj, attr)
         if dataclasses.is_dataclass(current):
             done |= apply_dict(current, value, full + ".")
         else:
-            setattr(obj, key, _coerce(full, value, hints[key]))
+            setattr(obj, attr, _coerce(full, value, hints[attr]))
             done.add(full)
     return done
 
 
+def key_of(f: dataclasses.Field) -> str:
+    """A field's config key: its name, or `metadata["key"]` where the key is a Python keyword
+    (`checkpoint.async` is the attribute `async_`)."""
+    return f.metadata.get("key", f.name)
+
+
+def to_dict(obj) -> dict:
+    """A (nested) config dataclass as a dict keyed by config keys (what YAML files hold)."""
+    return {key_of(f): to_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else _plain(v)
+            for f in fields(obj)}
+
+
+def _plain(v):
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return v
+
+
 def _coerce(key: str, value, typ):
     origin = typing.get_origin(typ)
+    if origin is dict:
+        key_type, item_type = typing.get_args(typ)
+        if value in ("", None):
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping, e.g. {{q: 16, v: 32}}")
+        return {_coerce(key, k, key_type): _coerce(f"{key}.{k}", v, item_type) for k, v in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(typ)
         if isinstance(value, str):
