@@ -143,6 +143,9 @@ def cmd_bench(a) -> int:
     except (ValueError, PermissionError, RuntimeError) as e:  # a bad --link, or no namespace allowed here
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the jobs are killed and the namespaces removed on the way out
+        print("lrpt bench: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

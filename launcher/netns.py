@@ -133,10 +133,10 @@ class TwoNodes:
                 return int(fields.split()[8])  # receive: 8 fields, then transmit bytes
         raise RuntimeError(f"no interface {self.ifname[node]} in namespace {self.ns[node]}")
 
-    def run(self, commands: list[tuple[list[str], dict]], watch=None, grace_s: float = 5.0) -> list[int]:
+    def run(self, commands: list[tuple[list[str], dict]], watch=None) -> list[int]:
         """Run one command per node (argv, env) in its namespace and wait for all; call
-        `watch()` every few milliseconds meanwhile. If one fails the others are stopped
-        (they would wait for it until the collective timeout). Returns the exit codes."""
+        `watch()` every few milliseconds meanwhile. If one fails the others are stopped (they
+        would wait for it until the collective timeout). Returns the exit codes."""
         procs = [subprocess.Popen([*self.prefix(i), *argv], env={**env, **self.env(i)},
                                   stdout=subprocess.DEVNULL, start_new_session=True)
                  for i, (argv, env) in enumerate(commands)]
@@ -150,18 +150,26 @@ class TwoNodes:
             if watch:
                 watch()
         finally:
-            _stop(procs, grace_s)
+            # A bench run has nothing to save: no graceful stop, whatever is left is killed.
+            self._kill_all()
+            for p in procs:
+                p.wait()
         return [p.returncode for p in procs]
+
+    def _kill_all(self, holders: bool = False) -> None:
+        """SIGKILL every process in the namespaces (the holders only if asked). Torch elastic
+        starts its workers in sessions of their own, so no process group reaches them all;
+        each was started by us and is ended by its pid."""
+        keep = set() if holders else {p.pid for p in self.holders}
+        for ns in self.ns:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+            for pid in set(map(int, pids.split())) - keep:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def __exit__(self, *exc) -> None:
         try:
-            for ns in self.ns:
-                # Everything still inside (torch elastic starts its workers in new sessions,
-                # so a process group does not reach them all): started by us, ended by pid.
-                pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-                for pid in map(int, pids.split()):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+            self._kill_all(holders=True)
             for p in self.holders:
                 p.wait()
             for ns in self.ns:
@@ -173,20 +181,3 @@ class TwoNodes:
 
 def _raise_exit(signum, frame):
     raise SystemExit(128 + signum)
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM the process groups still running (the trainer stops at a step boundary), then
-    SIGKILL what is left after `grace_s`."""
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in live:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
