@@ -199,6 +199,11 @@ def inter_node_bytes(rec: dict, nodes: int) -> float:
     counted = [v for k, v in rec.items() if k.startswith("comm/") and k.endswith("_inter_node_bytes")]
     if counted:
         return float(sum(counted))
+    return _wire(rec)
+
+
+def _wire(rec: dict) -> float:
+    """What rank 0 sent for one record's collectives, every purpose."""
     return float(sum(v for k, v in rec.items() if k.startswith("comm/") and k.endswith("_wire_bytes")))
 
 
@@ -228,17 +233,16 @@ def _link_row(item: str, run: Path, compute_step_s: float, target: float | None,
            "time_to_target_s": reached.get("elapsed_s") if reached else None,
            "trainable_share": steps[-1]["trainable_params"] / steps[-1]["total_params"]}
     # Bytes by link, per node, over every purpose (the kernel sees them all): inter-node as
-    # counted, the kernel's count on the node's veth over the same steps, and intra-node the
-    # rest of what the node's ranks send (ranks of a node send alike under every engine).
-    inter = {r["step"]: inter_node_bytes(r, nodes) for r in timed}
-    wire = {r["step"]: sum(v for k, v in r.items() if k.startswith("comm/") and k.endswith("_wire_bytes"))
-            for r in timed}
-    window = [s for s in sorted(samples or {}) if first["step"] <= s <= last["step"]]
-    lo, hi = (window[0], window[-1]) if len(window) > 1 else (first["step"], last["step"])
-    n = max(1, hi - lo)
-    row["inter_node_bytes_per_step"] = sum(v for s, v in inter.items() if lo < s <= hi) / n
-    row["intra_node_bytes_per_step"] = sum(per_node * wire[s] - inter[s] for s in inter if lo < s <= hi) / n
-    by_node = [(samples[hi][i] - samples[lo][i]) / n for i in range(nodes)] if len(window) > 1 else None
+    # counted, intra-node the rest of what the node's ranks send (ranks of a node send alike
+    # under every engine), and the kernel's count on the node's veth over the same steps: the
+    # slope of the counter against the step, a least-squares fit over the records, so that a
+    # counter read late (the next step's first bytes gone already) moves it little.
+    wire = sum(_wire(r) for r in timed[1:])
+    row["inter_node_bytes_per_step"] = sum(inter_node_bytes(r, nodes) for r in timed[1:]) / span
+    row["intra_node_bytes_per_step"] = per_node * wire / span - row["inter_node_bytes_per_step"]
+    at = sorted(s for s in samples or {} if first["step"] <= s <= last["step"])
+    by_node = [statistics.linear_regression(at, [samples[s][i] for s in at]).slope
+               for i in range(nodes)] if len(at) > 2 else None
     row["link_bytes_per_step"] = by_node[0] if by_node else None  # rank 0's node, as the counted figure
     row["link_bytes_per_step_by_node"] = by_node
     return row
