@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launcher.netns import TwoNodes, require_namespaces, shaped_loopback
+from launcher.netns import TwoNodes, shaped_loopback
 from trainer.rundir import RunDir
 
 # Dense bf16 peak FLOP/s by device-name substring (vendor datasheets).
@@ -132,7 +132,7 @@ def _run_nodes(item: str, tmp: Path, overrides: list[str], net: TwoNodes, per_no
     byte counter read when rank 0 wrote that step's record."""
     from launcher.launch import child_env, compose
 
-    name, extra = _spec(item)
+    _, extra = _spec(item)
     run = Path(tmp) / re.sub(r"[^\w.=-]+", "_", item) / f"2x{per_node}"
     args = [*overrides, *extra, f"run.dir={run}"]
     commands = []
@@ -150,9 +150,10 @@ def _run_nodes(item: str, tmp: Path, overrides: list[str], net: TwoNodes, per_no
 
 
 class _RecordWatch:
-    """Reads `sample()` each time rank 0 appends a step's record to metrics.jsonl. The record is
-    written right after the step's closing all-reduce, which every rank must reach, so the
-    counters then hold that step's traffic and (at most) the first chunk of the next step's."""
+    """Calls `sample()` (the counters) each time rank 0 appends a step's record to metrics.jsonl.
+    The record is written right after the step's closing all-reduce, which every rank must
+    reach, so the counters then hold that step's traffic and (at most) the first chunk of the
+    next step's."""
 
     def __init__(self, path: Path, sample):
         self.path, self.sample, self.samples = path, sample, {}
