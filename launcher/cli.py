@@ -26,6 +26,7 @@ EPILOG = """examples:
   lrpt compare runs/full runs/relora --out runs/table      # existing run directories: no training
   lrpt export runs/relora hf/relora-micro
   lrpt bench --model micro --steps 20
+  lrpt bench --model micro --steps 20 --link 100mbit --nodes 2 --nproc-per-node 2 --strategies full relora
 """
 
 
@@ -142,6 +143,9 @@ def cmd_bench(a) -> int:
     except (ValueError, PermissionError, RuntimeError) as e:  # a bad --link, or no namespace allowed here
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the jobs are killed and the namespaces removed on the way out
+        print("lrpt bench: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,18 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "--link: seconds on a shaped slow link",
                        description="Each strategy trains in a fresh process (a STRATEGY may carry overrides: "
                        "full:distributed.comm_hook=bf16). Without --link: median tokens/s and step time after warm-up, "
-                       "peak memory, MFU (null on CPU), trainable share. With --link RATE: an --nproc process job "
-                       "per strategy over a rate-limited loopback: step time, exposed comm time (step time minus "
-                       "a 1-process run's), payload and wire bytes per step, final validation loss, time to "
-                       "--target-loss.")
+                       "peak memory, MFU (null on CPU), trainable share. With --link RATE: a gloo job per strategy "
+                       "over a rate-limited network: step time, exposed comm time (step time minus a 1-process "
+                       "run's), payload and wire bytes per step, final validation loss, time to --target-loss; "
+                       "with --nodes 2, two nodes joined by the shaped link and the bytes that crossed it, "
+                       "counted and as the kernel saw them.")
     b.add_argument("--model", default="micro")
     b.add_argument("--strategies", nargs="+", default=["full", "lora", "relora", "switchlora"])
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--set", nargs="*", action="extend", metavar="key=value", default=[])
     b.add_argument("--json", action="store_true", help="print a JSON list, one object per strategy")
-    b.add_argument("--link", metavar="RATE", help="run each strategy as a multi-process gloo job over a loopback "
-                   "rate-limited to RATE (tc syntax: 100mbit, 1gbit) in a private network namespace (needs root)")
-    b.add_argument("--nproc", type=int, default=2, help="processes per job with --link")
+    b.add_argument("--link", metavar="RATE", help="run each strategy as a multi-process gloo job over a link "
+                   "rate-limited to RATE (tc syntax: 100mbit, 1gbit) in private network namespaces (needs root)")
+    b.add_argument("--nodes", type=int, default=1, help="with --link: 1 (a shaped loopback) or 2 (two network "
+                   "namespaces joined by a veth pair shaped in both directions; unshaped inside each)")
+    b.add_argument("--nproc-per-node", "--nproc", type=int, default=2, dest="nproc_per_node",
+                   help="processes per node with --link")
     b.add_argument("--target-loss", type=float, help="with --link: report the seconds to reach this validation loss")
     b.add_argument("--out", help="keep the run directories here (e.g. for `lrpt plot`), not in a temporary folder")
     b.set_defaults(fn=cmd_bench)
