@@ -32,7 +32,8 @@ STRATEGIES = {
                "strategy.restart_warmup=1"],
     "switchlora": ["strategy.name=switchlora", "strategy.rank=4", "strategy.switch_interval0=2", "strategy.switch_ratio=1"],
 }
-DILOCO = ["distributed.sync=diloco", "distributed.diloco_inner_steps=4"]
+# A worker per process: two workers on one host (a worker per node would make it one).
+DILOCO = ["distributed.sync=diloco", "distributed.diloco_inner_steps=4", "distributed.diloco_worker=process"]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -76,8 +77,12 @@ def test_misaligned_reset_every_is_one_line():
     with pytest.raises(ConfigError) as err:
         load_config(None, [*STRATEGIES["relora"], "strategy.reset_every=6", *DILOCO])
     assert "strategy.reset_every=6: expected a multiple of distributed.diloco_inner_steps=4" in str(err.value)
-    with pytest.raises(ConfigError, match="distributed.deepspeed='zero1': expected none"):
+    with pytest.raises(ConfigError, match="distributed.deepspeed='zero1': expected none with "
+                                          "distributed.diloco_worker=process"):
         load_config(None, [*DILOCO, "distributed.deepspeed=zero1"])
+    with pytest.raises(ConfigError, match="distributed.deepspeed='zero3': expected zero1 or zero2"):
+        load_config(None, [*DILOCO, "distributed.diloco_worker=node", "distributed.deepspeed=zero3"])
+    load_config(None, [*DILOCO, "distributed.diloco_worker=node", "distributed.deepspeed=zero2"])  # ZeRO inside a node
 
 
 @pytest.fixture(scope="module")

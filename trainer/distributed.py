@@ -12,9 +12,15 @@ Hard-won facts this file encodes (REFERENCE.md, "Distributed facts and traps"):
 - A DDP wrapper syncs only parameters trainable when it was built: a change of
   requires_grad (ReLoRA's warm start ending) needs `prepare` again, which tears down the old
   wrapper first.
+- The data-parallel group need not be the world (DiLoCo with a worker per node: the node's
+  ranks). Accelerate has no argument for it: DDP gets it through our DDP kwargs handler,
+  DeepSpeed through the `mpu` argument of deepspeed.initialize, which Accelerate does not
+  pass (we do, for the duration of `accelerator.prepare`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -24,7 +30,7 @@ from datetime import timedelta
 
 import torch
 
-from trainer import comm
+from trainer import comm, topology
 from trainer.resources import resource
 
 DEEPSPEED_CONFIG_DIR = resource("configs", "deepspeed")
@@ -106,7 +112,7 @@ def build_accelerator(cfg):
     if cpu:  # else DeepSpeed, imported by Accelerate, warns on every CPU run that it found no GPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     stage = cfg.distributed.deepspeed
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
@@ -150,8 +156,8 @@ def build_accelerator(cfg):
             # bucket, and DDP re-lays its buckets once after the first step of every process: a
             # resumed process would read its state in another layout. With
             # find_unused_parameters DDP never re-lays them (one graph walk per step).
-            ddp_kwargs = DistributedDataParallelKwargs(
-                broadcast_buffers=False, find_unused_parameters=cfg.distributed.comm_hook == "powersgd")
+            ddp_kwargs = _ddp_kwargs(broadcast_buffers=False,
+                                     find_unused_parameters=cfg.distributed.comm_hook == "powersgd")
             acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg, device),
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               kwargs_handlers=[] if single else handlers + [ddp_kwargs])
@@ -160,8 +166,30 @@ def build_accelerator(cfg):
             f"launched as {launched_world} processes but the process group has {acc.num_processes}: "
             "the workers would train independently. On CPU start DDP with "
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` or torchrun (lrpt launch does this).")
-    comm.set_world_size(acc.num_processes)
+    topology.build(cfg.distributed.procs_per_node)  # on every rank: it creates process groups
     return acc
+
+
+def _ddp_kwargs(**kwargs):
+    """Accelerate's DDP arguments plus `process_group`, the group DDP syncs over, which
+    Accelerate's class lacks (and cannot deepcopy, as its to_kwargs does): `prepare` sets it."""
+    from dataclasses import dataclass
+
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    @dataclass
+    class GroupDDPKwargs(DistributedDataParallelKwargs):
+        process_group: object = None
+
+        def to_kwargs(self):
+            group, self.process_group = self.process_group, None
+            try:
+                out = super().to_kwargs()
+            finally:
+                self.process_group = group
+            return out if group is None else {**out, "process_group": group}
+
+    return GroupDDPKwargs(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,13 +212,17 @@ class CommHook:
                                        use_error_feedback=True, warm_start=True, random_seed=seed)
 
     def register(self, ddp) -> None:
+        """A hook's state is its process group (PowerSGD's carries one): DDP's own, or the
+        hook would all-reduce over the world and divide by the world's size."""
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
         if self.name == "none":
-            ddp.register_comm_hook(state=None, hook=comm.ddp_comm_hook)
+            ddp.register_comm_hook(state=ddp.process_group, hook=comm.ddp_comm_hook)
         elif self.name in ("bf16", "fp16"):
-            ddp.register_comm_hook(state=None, hook=_compress_hook(torch.bfloat16 if self.name == "bf16" else torch.float16))
+            ddp.register_comm_hook(state=ddp.process_group,
+                                   hook=_compress_hook(torch.bfloat16 if self.name == "bf16" else torch.float16))
         else:  # the holder, not the state: a resume replaces the state after registration
+            self.state.process_group = ddp.process_group
             ddp.register_comm_hook(state=self, hook=_synchronous(powerSGD_hook.powerSGD_hook))
 
     def state_dict(self) -> dict | None:
@@ -241,11 +273,12 @@ def _compress_hook(dtype):
     return hook
 
 
-def prepare(accelerator, model, optimizer, hook: CommHook | None = None, local_steps: bool = False):
-    """Wrap `model` (a module, or a previously prepared wrapper) and `optimizer`; under DDP
-    register the communication hook (`hook`, default: plain all-reduce, counted). With
-    `local_steps` (DiLoCo) the model is placed on the device but not wrapped: its gradients
-    never cross the network.
+def prepare(accelerator, model, optimizer, hook: CommHook | None = None, group: topology.Group | None = None):
+    """Wrap `model` (a module, or a previously prepared wrapper) and `optimizer` for data
+    parallelism over `group` (None: the world); under DDP register the communication hook
+    (`hook`, default: plain all-reduce, counted). A group of one rank in a larger world
+    (DiLoCo with a worker per process) places the model on the device unwrapped: its
+    gradients never cross the network.
 
     Calling it again is a re-wrap (the trainable set changed): the previous wrapper is torn
     down first (DDP: its autograd hooks removed, or its reducer would still all-reduce the
@@ -261,11 +294,15 @@ def prepare(accelerator, model, optimizer, hook: CommHook | None = None, local_s
         # their chained collectives, which DDP waits for before backward returns).
         accelerator.backward = _in_phase("sync", accelerator.backward)
         accelerator._lrpt_backward_in_sync = True
+    world = accelerator.num_processes
+    if group is not None and group.size == world:
+        group = None
     with comm.phase("startup"), comm.count_ddp_broadcasts():
-        if local_steps:
+        if group is not None and group.size == 1:
             model_p, opt_p = module.to(accelerator.device), accelerator.prepare_optimizer(optimizer)
         else:
-            model_p, opt_p = accelerator.prepare(module, optimizer)
+            with _data_parallel_over(accelerator, group):
+                model_p, opt_p = accelerator.prepare(module, optimizer)
     if isinstance(model_p, torch.nn.parallel.DistributedDataParallel):
         (hook or CommHook()).register(model_p)
     elif hasattr(model_p, "zero_optimization_stage"):
@@ -275,6 +312,60 @@ def prepare(accelerator, model, optimizer, hook: CommHook | None = None, local_s
             setattr(model_p, name, _in_phase("sync", getattr(model_p, name)))
     accelerator._lrpt_prepared = (model_p, opt_p)
     return model_p, opt_p
+
+
+@contextlib.contextmanager
+def _data_parallel_over(accelerator, group: topology.Group | None):
+    """Make `accelerator.prepare` build its DDP wrapper or DeepSpeed engine over `group`
+    (None: the world)."""
+    if accelerator.distributed_type.name != "DEEPSPEED":
+        if accelerator.ddp_handler is not None:
+            accelerator.ddp_handler.process_group = None if group is None else group.pg
+        yield
+        return
+    import deepspeed
+
+    ds = accelerator.deepspeed_plugin.deepspeed_config
+    # DeepSpeed asserts train_batch_size = micro-batch x accumulation x data-parallel size.
+    ds["train_batch_size"] = (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] *
+                              (accelerator.num_processes if group is None else group.size))
+    initialize = deepspeed.initialize  # Accelerate looks it up at each call
+    if group is not None:
+        deepspeed.initialize = functools.partial(initialize, mpu=_DataParallelMpu(group))
+    try:
+        yield
+    finally:
+        deepspeed.initialize = initialize
+
+
+class _DataParallelMpu:
+    """What DeepSpeed asks of a Megatron-style `mpu` when its data-parallel group is not the
+    world: the group; no model parallelism (a None group is DeepSpeed's mark of an absent
+    dimension: its ZeRO optimizer then issues no model-parallel collective)."""
+
+    def __init__(self, group: topology.Group):
+        self.group = group
+
+    def get_data_parallel_group(self):
+        return self.group.pg
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.group.size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.group.ranks.index(topology.current().rank)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.group.ranks)
+
+    def get_model_parallel_group(self):
+        return None
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
 
 
 def _in_phase(category, fn):
