@@ -176,7 +176,7 @@ def ddp_comm_hook(process_group, bucket):
     LEDGER.add("sync", "all_reduce", nbytes, calls=1, group=process_group)
     t0 = time.perf_counter()
     with _outermost():  # the hook's own dist.all_reduce is this collective
-        fut = default_hooks.allreduce_hook(state, bucket)
+        fut = default_hooks.allreduce_hook(process_group, bucket)
 
     def done(f):
         # Runs when the collective completes (gloo: on its worker thread). The time overlaps

@@ -112,7 +112,7 @@ def build_accelerator(cfg):
     if cpu:  # else DeepSpeed, imported by Accelerate, warns on every CPU run that it found no GPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     stage = cfg.distributed.deepspeed
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
@@ -156,8 +156,8 @@ def build_accelerator(cfg):
             # bucket, and DDP re-lays its buckets once after the first step of every process: a
             # resumed process would read its state in another layout. With
             # find_unused_parameters DDP never re-lays them (one graph walk per step).
-            ddp_kwargs = _ddp_kwargs(broadcast_buffers=False,
-                                     find_unused_parameters=cfg.distributed.comm_hook == "powersgd")
+            ddp_kwargs = DistributedDataParallelKwargs(
+                broadcast_buffers=False, find_unused_parameters=cfg.distributed.comm_hook == "powersgd")
             acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision(cfg, device),
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               kwargs_handlers=[] if single else handlers + [ddp_kwargs])
@@ -169,27 +169,6 @@ def build_accelerator(cfg):
     topology.build(cfg.distributed.procs_per_node)  # on every rank: it creates process groups
     return acc
 
-
-def _ddp_kwargs(**kwargs):
-    """Accelerate's DDP arguments plus `process_group`, the group DDP syncs over, which
-    Accelerate's class lacks (and cannot deepcopy, as its to_kwargs does): `prepare` sets it."""
-    from dataclasses import dataclass
-
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    @dataclass
-    class GroupDDPKwargs(DistributedDataParallelKwargs):
-        process_group: object = None
-
-        def to_kwargs(self):
-            group, self.process_group = self.process_group, None
-            try:
-                out = super().to_kwargs()
-            finally:
-                self.process_group = group
-            return out if group is None else {**out, "process_group": group}
-
-    return GroupDDPKwargs(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,9 +298,13 @@ def _data_parallel_over(accelerator, group: topology.Group | None):
     """Make `accelerator.prepare` build its DDP wrapper or DeepSpeed engine over `group`
     (None: the world)."""
     if accelerator.distributed_type.name != "DEEPSPEED":
-        if accelerator.ddp_handler is not None:
-            accelerator.ddp_handler.process_group = None if group is None else group.pg
-        yield
+        original = accelerator.ddp_handler
+        if group is not None:
+            accelerator.ddp_handler = _with_process_group(original, group.pg)
+        try:
+            yield
+        finally:
+            accelerator.ddp_handler = original
         return
     import deepspeed
 
@@ -336,6 +319,26 @@ def _data_parallel_over(accelerator, group: topology.Group | None):
         yield
     finally:
         deepspeed.initialize = initialize
+
+
+def _with_process_group(handler, group):
+    """Accelerate's DDP kwargs `handler` plus `process_group`, which its class lacks (and which
+    its to_kwargs could not deepcopy). Accelerate accepts only its own class at construction,
+    and reads `accelerator.ddp_handler` when it wraps: a stand-in for one `prepare`."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class WithGroup(type(handler)):
+        process_group: object = None
+
+        def to_kwargs(self):
+            pg, self.process_group = self.process_group, None
+            try:
+                return {**super().to_kwargs(), "process_group": pg}
+            finally:
+                self.process_group = pg
+
+    return WithGroup(**vars(handler), process_group=group)
 
 
 class _DataParallelMpu:

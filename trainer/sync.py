@@ -129,8 +129,9 @@ class DiLoCo:
         mine = torch.zeros(len(slices), size, dtype=torch.float32, device=slices[0].device)
         for row, s in zip(mine, slices):
             row[:s.numel()] = s
-        out = mine.new_empty(self.parts, len(slices), size)
+        out = mine.new_empty(self.parts * len(slices), size)
         dist.all_gather_into_tensor(out, mine, group=self.data_parallel.pg)
+        out = out.view(self.parts, len(slices), size)
         return [out[:, i].reshape(-1)[:self.numel] for i in range(len(slices))]
 
     @torch.no_grad()
