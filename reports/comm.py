@@ -249,7 +249,7 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
                    saving_vs_full=(1 - mine / full) if full else None,
                    saving_basis="measured full-rank run" if full_measured else "analytic full-rank",
                    measured_by_purpose_per_step=meas.get("measured_by_purpose_per_step"),
-                   measured_startup_bytes=meas.get("measured_startup_bytes"),
+                   measured_startup_bytes=meas.get("measured_startup_bytes"), measured_steps=meas.get("measured_steps"),
                    comm_time_per_step_s=comm_s, step_time_s=step_s,
                    guard_time_per_step_s=meas.get("guard_time_per_step_s"),
                    comm_share_of_step=(comm_s / step_s) if comm_s is not None and step_s else None,

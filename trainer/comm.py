@@ -76,7 +76,7 @@ class _Ledger:
             ranks=None):
         """Count one collective of `payload` bytes over `group` (a ProcessGroup, None: the
         world), or over the global `ranks` given in group order."""
-        ranks = group_ranks(group) if ranks is None else tuple(ranks)
+        ranks = topology.ranks_of(group) if ranks is None else tuple(ranks)
         wire = wire_bytes(payload, len(ranks), op)
         across = topology.current().crosses(ranks)
         with self.lock:
@@ -107,22 +107,7 @@ class _Ledger:
 
 LEDGER = _Ledger()
 _local = threading.local()  # .depth > 0 inside a counted collective: nested ones are its own
-_RANKS: dict[int, tuple] = {}  # id(group) -> (group, its global ranks in group order)
 _PURPOSE_OF_GROUP: dict[int, tuple] = {}  # id(group) -> (group, purpose)
-
-
-def group_ranks(group) -> tuple[int, ...]:
-    """The global ranks of `group` in group order (None: the world)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return (0,)
-    if group is None or group is dist.group.WORLD:
-        return tuple(range(dist.get_world_size()))
-    hit = _RANKS.get(id(group))
-    if hit is None or hit[0] is not group:  # holding the group keeps its id from being reused
-        hit = _RANKS[id(group)] = (group, tuple(dist.get_process_group_ranks(group)))
-    return hit[1]
 
 
 def count_as(group, purpose: str) -> None:
@@ -351,21 +336,13 @@ class CommMeter:
 
 def _node_links() -> dict[str, tuple[float, float]]:
     """(inter-node, intra-node) wire bytes per purpose since process start, sent by this
-    rank's whole node: each rank knows only what it sent itself (the ranks of a node run
-    collectives of different sizes on different groups, e.g. DiLoCo's slices), so the node's
-    ranks sum their counts in one all-reduce over the node's group (counted, as control: it
-    stays inside the node, and so its own bytes are in the next pop's node figures)."""
-    mine = {c: LEDGER.links(c) for c in CATEGORIES}
-    top = topology.current()
-    if top.procs_per_node == 1:
-        return mine
-    import torch.distributed as dist
-
-    device = "cuda" if dist.get_backend(top.intra.pg) == "nccl" else "cpu"
-    t = torch.tensor([v for c in CATEGORIES for v in mine[c]], dtype=torch.float64, device=device)
+    rank's whole node. Each rank counts only what it sent, and the ranks of a node run
+    collectives of different sizes on different groups (DiLoCo's slices), so they sum their
+    counts: one all-reduce within the node, counted as control (it stays inside the node, and
+    its own bytes are in the next pop's node figures)."""
+    mine = [v for c in CATEGORIES for v in LEDGER.links(c)]
     with phase("control"):
-        dist.all_reduce(t, group=top.intra.pg)
-    sums = t.tolist()
+        sums = topology.sum_over_node(mine)
     return {c: (sums[2 * i], sums[2 * i + 1]) for i, c in enumerate(CATEGORIES)}
 
 

@@ -88,11 +88,41 @@ def _ranges(groups) -> str:
 
 
 _CURRENT = Topology()
+_RANKS: dict[int, tuple] = {}  # id(group) -> (group, its global ranks in group order)
 
 
 def current() -> Topology:
     """This process's topology (one node of one rank until `build` ran)."""
     return _CURRENT
+
+
+def ranks_of(group) -> tuple[int, ...]:
+    """The global ranks of a ProcessGroup in group order (None: the world)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return (0,)
+    if group is None or group is dist.group.WORLD:
+        return tuple(range(dist.get_world_size()))
+    hit = _RANKS.get(id(group))
+    if hit is None or hit[0] is not group:  # holding the group keeps its id from being reused
+        hit = _RANKS[id(group)] = (group, tuple(dist.get_process_group_ranks(group)))
+    return hit[1]
+
+
+def sum_over_node(values: list[float]) -> list[float]:
+    """Each value summed over this node's ranks (an all-reduce within the node; every rank of
+    the node must call it)."""
+    top = current()
+    if top.procs_per_node == 1:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend(top.intra.pg) == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=top.intra.pg)
+    return t.tolist()
 
 
 def procs_per_node(override: int, world: int, env=os.environ) -> int:
