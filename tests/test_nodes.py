@@ -2,10 +2,11 @@
 2 processes (gloo, distributed.procs_per_node=2), through the real Accelerate, DDP and
 DeepSpeed engines.
 
-Four launches of 4 processes, each through this file's entry point (`python -m tests.test_nodes`),
-which runs several trainings one after another in the same processes and records a digest of
-every rank's weights after every step's sync:
+Two launches of 4 processes, each through this file's entry point (`python -m tests.test_nodes`),
+which runs several jobs one after another in the same processes and records a digest of every
+rank's weights after every step's sync:
 
+  ddp launch
     outer  no loop: DiLoCo's outer step by value, a worker per process (4 workers) and per node
            (2 workers of 2, each rank its slice): against torch.optim.SGD(nesterov=True) over 3
            outer steps at lr 0.7 and momentum 0.9; at lr 1 and momentum 0 the mean of the
@@ -14,6 +15,7 @@ every rank's weights after every step's sync:
     ddp    DiLoCo per node (H=4, 8 steps, grad_accum 2) for full, relora (a warm start ending at
            an outer sync, a merge at the next, LoRA dropout), switchlora; relora stopped between
            outer syncs and resumed; full every-step DDP over the world (the ring's boundary)
+  zero launch
     zero1  full, relora, switchlora with ZeRO-1 inside each node
     zero2  the same with ZeRO-2, and relora stopped and resumed
 
@@ -68,8 +70,10 @@ def _digest(module) -> str:
 
 
 def _train_main(common: list[str], plan: list, out: dict) -> None:
-    """Each [name, overrides] of the plan trained in turn; after every step's sync, a digest
-    of this rank's weights."""
+    """Each [name, overrides] of the plan trained in turn ("outer": the outer-step checks);
+    after every step's sync, a digest of this rank's weights."""
+    from accelerate.state import AcceleratorState
+
     from trainer import sync
     from trainer.config import load_config
     from trainer.loop import Trainer
@@ -78,14 +82,20 @@ def _train_main(common: list[str], plan: list, out: dict) -> None:
     for cls in (sync.DiLoCo, sync.EveryStep):
         def probed(self, step, engine, _after=cls.after_step):
             synced = _after(self, step, engine)
-            out[current[-1]].append([step, _digest(engine.module)])
+            if current:
+                out[current[-1]].append([step, _digest(engine.module)])
             return synced
         cls.after_step = probed
     for name, overrides in plan:
-        current.append(name)
-        out[name] = []
-        # Not train(): its Accelerator.end_training destroys the process group the next run uses.
-        Trainer(load_config(None, [*common, *overrides])).fit()
+        if name == "outer":
+            _outer_main(common, out.setdefault("outer", {}))
+        else:
+            current.append(name)
+            out[name] = []
+            # Not train(): its Accelerator.end_training destroys the process group the next run uses.
+            Trainer(load_config(None, [*common, *overrides])).fit()
+        # Accelerate's state (the DeepSpeed plugin) is one per process: the next run sets its own.
+        AcceleratorState._reset_state()
 
 
 def _outer_main(common: list[str], out: dict) -> None:
@@ -190,11 +200,7 @@ def _outer_main(common: list[str], out: dict) -> None:
 
 def _probe_main(argv: list[str]) -> int:
     out: dict = {}
-    mode = os.environ["LRPT_NODES_MODE"]
-    if mode == "outer":
-        _outer_main(argv, out)
-    else:
-        _train_main(argv, json.loads(os.environ["LRPT_NODES_PLAN"]), out)
+    _train_main(argv, json.loads(os.environ["LRPT_NODES_PLAN"]), out)
     d = Path(os.environ["LRPT_PROBE_DIR"])
     d.mkdir(parents=True, exist_ok=True)
     (d / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(out))
@@ -204,52 +210,72 @@ def _probe_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 # Launching
 
-def launch(tmp: Path, name: str, deepspeed: str, mode: str, plan: list, cache: Path, timeout: int = 600):
+def launch(tmp: Path, deepspeed: str, plan: list, cache: Path, timeout: int = 900) -> list[dict]:
     from launcher.launch import child_env, compose, free_port
 
-    probe_dir = tmp / f"{name}-probe"
+    probe_dir = tmp / "probe"
     argv, env = compose(None, BASE, nodes=1, gpus_per_node=2 * G, main_port=free_port(), deepspeed=deepspeed,
                         module="tests.test_nodes")
     env = child_env({**env, "OMP_NUM_THREADS": "1", "LRPT_CACHE": str(cache), "LRPT_PROBE_DIR": str(probe_dir),
-                     "LRPT_NODES_MODE": mode, "LRPT_NODES_PLAN": json.dumps(plan)})
+                     "LRPT_NODES_PLAN": json.dumps(plan)})
     t0 = time.time()
     proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    print(f"{name}: {time.time() - t0:.1f}s")
+    print(f"{tmp.name}: {time.time() - t0:.1f}s")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
     return [json.loads((probe_dir / f"rank{r}.json").read_text()) for r in range(2 * G)]
 
 
-def training_plan(root: Path, resume: bool, flat: bool) -> list:
-    plan = [[name, [*NODES, *over, f"run.dir={root / name}"]] for name, over in STRATEGIES.items()]
+def plan(root: Path, engine: str, resume: bool = False, flat: bool = False) -> list:
+    """Trainings under `engine` into root/engine/NAME, named engine/NAME in the probe."""
+    ds = [f"distributed.deepspeed={'none' if engine == 'ddp' else engine}"]
+    runs = {name: [*NODES, *over] for name, over in STRATEGIES.items()}
     if resume:
-        part = [*NODES, *STRATEGIES["relora"], f"run.dir={root / 'relora-resumed'}"]
-        plan += [["relora-stopped", [*part, "train.stop_at=6"]], ["relora-resumed", part]]
+        runs["relora-stopped"] = [*runs["relora"], "train.stop_at=6"]
+        runs["relora-resumed"] = runs["relora"]
     if flat:
-        plan.append(["flat", ["strategy.name=full", "train.max_steps=3", f"run.dir={root / 'flat'}"]])
-    return plan
+        runs["flat"] = ["strategy.name=full", "train.max_steps=3"]
+    run_dir = {name: root / engine / ("relora-resumed" if name == "relora-stopped" else name) for name in runs}
+    return [[f"{engine}/{name}", [*over, *ds, f"run.dir={run_dir[name]}"]] for name, over in runs.items()]
 
 
 @pytest.fixture(scope="module")
-def outer(tmp_path_factory, lrpt_cache):
-    return launch(tmp_path_factory.mktemp("outer"), "outer", "none", "outer", [], lrpt_cache, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def ddp(tmp_path_factory, lrpt_cache):
+def ddp_launch(tmp_path_factory, lrpt_cache):
+    """The outer-step checks, then the DDP trainings: one launch."""
     root = tmp_path_factory.mktemp("ddp")
-    return root, launch(root, "ddp", "none", "train", training_plan(root, True, True), lrpt_cache)
+    return root, launch(root, "none", [["outer", None], *plan(root, "ddp", resume=True, flat=True)], lrpt_cache)
 
 
 @pytest.fixture(scope="module")
-def zero1(tmp_path_factory, lrpt_cache):
-    root = tmp_path_factory.mktemp("zero1")
-    return root, launch(root, "zero1", "zero1", "train", training_plan(root, False, False), lrpt_cache)
+def zero_launch(tmp_path_factory, lrpt_cache):
+    root = tmp_path_factory.mktemp("zero")
+    return root, launch(root, "zero1", [*plan(root, "zero1"), *plan(root, "zero2", resume=True)], lrpt_cache)
+
+
+def _view(launched, engine):
+    """(the engine's run directories' parent, per rank {run name: digests})."""
+    root, probes = launched
+    return root / engine, [{k.split("/", 1)[1]: v for k, v in p.items() if k.startswith(engine + "/")}
+                           for p in probes]
 
 
 @pytest.fixture(scope="module")
-def zero2(tmp_path_factory, lrpt_cache):
-    root = tmp_path_factory.mktemp("zero2")
-    return root, launch(root, "zero2", "zero2", "train", training_plan(root, True, False), lrpt_cache)
+def outer(ddp_launch):
+    return [p["outer"] for p in ddp_launch[1]]
+
+
+@pytest.fixture(scope="module")
+def ddp(ddp_launch):
+    return _view(ddp_launch, "ddp")
+
+
+@pytest.fixture(scope="module")
+def zero1(zero_launch):
+    return _view(zero_launch, "zero1")
+
+
+@pytest.fixture(scope="module")
+def zero2(zero_launch):
+    return _view(zero_launch, "zero2")
 
 
 def records(run: Path) -> list[dict]:

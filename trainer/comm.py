@@ -223,6 +223,7 @@ _DS_PAYLOAD = {
 _TORCH_PAYLOAD = {
     "all_reduce": ("tensor", 0, 2), "reduce": ("tensor", 0, 3), "broadcast": ("tensor", 0, 2),
     "all_gather": ("tensor_list", 0, 2), "all_gather_into_tensor": ("output_tensor", 0, 2),
+    "all_gather_single": ("output_tensor", 0, 2), "reduce_scatter_single": ("input", 1, 3),
     "reduce_scatter": ("input_list", 1, 3), "reduce_scatter_tensor": ("input", 1, 3),
     "all_to_all_single": ("input", 1, 4), "send": ("tensor", 0, 2), "isend": ("tensor", 0, 2),
 }

@@ -130,7 +130,7 @@ class DiLoCo:
         for row, s in zip(mine, slices):
             row[:s.numel()] = s
         out = mine.new_empty(self.parts * len(slices), size)
-        dist.all_gather_into_tensor(out, mine, group=self.data_parallel.pg)
+        dist.all_gather_single(out, mine, group=self.data_parallel.pg)
         out = out.view(self.parts, len(slices), size)
         return [out[:, i].reshape(-1)[:self.numel] for i in range(len(slices))]
 
