@@ -404,6 +404,29 @@ def test_a_worker_per_node(engine, name, request):
         assert {s for s, e in events} == {H, 2 * H} and {e for s, e in events} == {"switch"}
 
 
+@pytest.mark.parametrize("name", ["relora", "switchlora"])
+@pytest.mark.parametrize("engine", ["zero1", "zero2"])
+def test_zero_inside_nodes_trains_as_ddp_does(engine, name, ddp, request):
+    """ZeRO over each node's ranks takes the steps DDP over them takes, through outer steps, a
+    merge with magnitude pruning (its threshold counted over the node's partitions, not the
+    world's) and switches: losses, and node 0's final weights and optimizer state, agree."""
+    import torch
+
+    root, _ = request.getfixturevalue(engine)
+    z, d = root / name, ddp[0] / name
+    assert list(losses(z)) == list(losses(d)) and list(losses(z).values()) == pytest.approx(
+        list(losses(d).values()), rel=1e-4)
+    last = Path("checkpoints") / f"step_{STEPS:07d}"
+    zm, dm = (torch.load(r / last / "model.pt", weights_only=False) for r in (z, d))
+    for key in dm:
+        torch.testing.assert_close(zm[key], dm[key], rtol=1e-4, atol=1e-6, msg=key)
+    zo, do = (torch.load(r / last / "optimizer.pt", weights_only=False) for r in (z, d))
+    assert zo.keys() == do.keys()
+    for key, state in do.items():
+        for k, v in state.items():
+            torch.testing.assert_close(zo[key][k].float(), v.float(), rtol=1e-4, atol=1e-6, msg=f"{key} {k}")
+
+
 def test_flat_ddp_crosses_once_per_node(ddp):
     root, probes = ddp
     assert_ranks(probes, "flat", root / "flat", None)
