@@ -297,7 +297,7 @@ class CommMeter:
     previous one stopped), `by_op()` the totals per collective."""
 
     def __init__(self, engine_or_accelerator=None):
-        pass  # the ledger is per process; the argument is accepted for callers that pass one
+        pass  # one ledger per process, and groups know their sizes: nothing to learn from the engine
 
     def pop(self) -> dict[str, dict]:
         """{category: {bytes, wire_bytes, seconds, calls, inter_node_bytes, intra_node_bytes}}

@@ -13,9 +13,9 @@ Hard-won facts this file encodes (REFERENCE.md, "Distributed facts and traps"):
   requires_grad (ReLoRA's warm start ending) needs `prepare` again, which tears down the old
   wrapper first.
 - The data-parallel group need not be the world (DiLoCo with a worker per node: the node's
-  ranks). Accelerate has no argument for it: DDP gets it through our DDP kwargs handler,
-  DeepSpeed through the `mpu` argument of deepspeed.initialize, which Accelerate does not
-  pass (we do, for the duration of `accelerator.prepare`).
+  ranks). Accelerate has no argument for it: DDP gets it through a stand-in for Accelerate's
+  DDP kwargs handler, DeepSpeed through the `mpu` argument of deepspeed.initialize, which
+  Accelerate does not pass (we do), both for the duration of one `accelerator.prepare`.
 """
 from __future__ import annotations
 
@@ -169,7 +169,6 @@ def build_accelerator(cfg):
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` or torchrun (lrpt launch does this).")
     topology.build(cfg.distributed.procs_per_node)  # on every rank: it creates process groups
     return acc
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def _synchronous(hook):
 
 def _compress_hook(dtype):
     """torch's fp16/bf16_compress_hook, which refuses bf16 without CUDA and NCCL: the bucket
-    is divided by the world size, cast, all-reduced in `dtype` and cast back. Gloo reduces
+    is divided by its group's size, cast, all-reduced in `dtype` and cast back. Gloo reduces
     bf16 and fp16 on CPU."""
     import torch.distributed as dist
 
