@@ -144,8 +144,7 @@ class DiLoCo:
         if self.names:
             with comm.phase("startup"):  # part of the re-wrap
                 anchor, momentum = self._gather(self.anchor, self.momentum)
-            for name, (a, m) in zip(self.names, zip(anchor.split(self.numels), momentum.split(self.numels))):
-                old[name] = (a, m)
+            old = dict(zip(self.names, zip(anchor.split(self.numels), momentum.split(self.numels))))
         self.names, self.numels = [n for n, _ in named], [p.numel() for _, p in named]
         self.start = min(self.part * self.slice_size, self.numel)
         self.stop = min(self.start + self.slice_size, self.numel)
