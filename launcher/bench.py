@@ -191,16 +191,11 @@ class _RecordWatch:
 LIVE_RSS = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
 
 def inter_node_bytes(rec: dict, nodes: int) -> float:
-    """Bytes that one record's collectives sent from rank 0's node to the others. The trainer's
-    own count (`comm/<purpose>_inter_node_bytes`, per node) where it records one; else the ring
-    model: every collective is on the world group, whose ring over node-contiguous ranks has
-    one edge leaving each node, and an edge carries what one rank sends (its wire bytes)."""
+    """Bytes that one record's collectives sent from rank 0's node to the others: the trainer's
+    own count, `comm/<purpose>_inter_node_bytes` (per node), over every purpose."""
     if nodes == 1:
         return 0.0
-    counted = [v for k, v in rec.items() if k.startswith("comm/") and k.endswith("_inter_node_bytes")]
-    if counted:
-        return float(sum(counted))
-    return _wire(rec)
+    return float(sum(v for k, v in rec.items() if k.startswith("comm/") and k.endswith("_inter_node_bytes")))
 
 
 def _wire(rec: dict) -> float:

@@ -115,7 +115,8 @@ def cmd_export(a) -> int:
 
 def cmd_comm(a) -> int:
     from reports import comm
-    rows = comm.comm_report(a.runs, bandwidths_gbit=a.bandwidth, world_size=a.world_size, full_rank_run=a.full)
+    rows = comm.comm_report(a.runs, bandwidths_gbit=a.bandwidth, world_size=a.world_size, full_rank_run=a.full,
+                            procs_per_node=a.gpus_per_node)
     print(json.dumps(rows, indent=1) if a.json else comm.format_table(rows))
     if a.plot:
         comm.plot_comm(rows, a.plot)
@@ -221,8 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--plot", help="write a bar chart PNG here")
     c.add_argument("--full", help="a full-rank run of the same model to measure the saving against")
-    c.add_argument("--bandwidth", type=float, nargs="+", default=[25, 100, 400], help="link Gbit/s to project at")
+    c.add_argument("--bandwidth", type=float, nargs="+", default=[25, 100, 400],
+                   help="Gbit/s of a node's link to the others, to project at")
     c.add_argument("--world-size", type=int, help="also project for this many ranks")
+    c.add_argument("--gpus-per-node", type=int,
+                   help="ranks per node for a config (default: distributed.procs_per_node, else 1); a run records its own")
     c.set_defaults(fn=cmd_comm)
 
     la = sub.add_parser("launch", help="compose and run `accelerate launch` for one node of a run")

@@ -9,6 +9,11 @@ wire 2(n-1)/n T, the same as DDP. ZeRO-2 must reduce at every micro-batch (it ke
 gradient partitions): (k+1) T with k accumulation steps. configs/deepspeed/zero{1,2}.json
 set use_multi_rank_bucket_allreduce=false for this: DeepSpeed's default all-reduces whole
 gradient buckets instead (wire 2(n-1)/n T for the gradients alone, 1.5x DDP in all).
+
+By link, per node of G ranks (m = n / G nodes, node-contiguous ranks, trainer/topology.py):
+a collective over the world sends one rank's wire bytes across per node (the ring's boundary
+edge) and keeps G - 1 ranks' worth inside; DiLoCo with a worker per node syncs inside the node
+every step (intra only) and sends the trainable bytes x 2(m-1)/m across at each outer step.
 """
 from __future__ import annotations
 
@@ -73,21 +78,66 @@ def run_model_args(cfg, run_dir=None):
     return model_args(cfg.model, cfg.data.seq_len, vocab_size=vocab)
 
 
-def analytic_from_config(cfg, world_size: int | None = None, run_dir=None) -> dict:
+def sync_per_step(cfg, b: dict, world: int, procs_per_node: int = 1) -> dict:
+    """What one optimizer step's sync sends, DiLoCo's outer step amortised over its H steps:
+    `payload` and `wire` bytes by rank 0 (trainer/comm.py's terms), and the wire bytes of its
+    whole node (G = `procs_per_node` ranks) that cross to other nodes (`inter_node`) or stay
+    inside (`intra_node`). `b` is model_bytes(cfg, ...). ZeRO's 4-byte clipping norm per
+    optimizer group is not counted (see analytic_bytes_per_step)."""
+    d, g = cfg.distributed, procs_per_node
+    nodes = world // g
+    engine = "ddp" if d.deepspeed == "none" else d.deepspeed
+    kw = dict(grad_accum=cfg.train.grad_accum, total_bytes=b["total_bytes"])
+    out = dict(payload=0.0, wire=0.0, inter_node=0.0, intra_node=0.0)
+
+    def over_world(payload, wire):  # a ring over every rank: one boundary edge per node
+        across = wire if nodes > 1 else 0.0
+        out.update(payload=payload, wire=wire, inter_node=across, intra_node=g * wire - across)
+
+    if world <= 1:
+        return out
+    if d.sync == "every_step":
+        t = b["sync_bytes_per_step"]
+        over_world(analytic_bytes_per_step(t, world, engine, **kw), analytic_wire_bytes_per_step(t, world, engine, **kw))
+        return out
+    h, n = d.diloco_inner_steps, b["trainable_params"]
+    ob = 2 if d.outer_dtype == "bf16" else 4
+    if d.diloco_worker == "process" or g == 1:  # the pseudo-gradient all-reduced over the world
+        over_world(n * ob / h, wire_bytes(n * ob, world, "all_reduce") / h)
+        return out
+    # A worker per node: the engine over the node every step; at outer steps each rank's slice
+    # of s elements all-reduced over the nodes, then the node's slices all-gathered (padded).
+    s = -(-n // g)
+    t = b["trainable_bytes"]
+    engine_wire = analytic_wire_bytes_per_step(t, g, engine, **kw)
+    gather_wire = wire_bytes(g * s * 4, g, "all_gather") / h
+    out["payload"] = analytic_bytes_per_step(t, g, engine, **kw) + ((s * ob if nodes > 1 else 0) + g * s * 4) / h
+    out["wire"] = engine_wire + wire_bytes(s * ob, nodes, "all_reduce") / h + gather_wire
+    out["inter_node"] = wire_bytes(n * ob, nodes, "all_reduce") / h  # the node's slices together: all n elements
+    out["intra_node"] = g * (engine_wire + gather_wire)
+    return out
+
+
+def analytic_from_config(cfg, world_size: int | None = None, run_dir=None, procs_per_node: int | None = None) -> dict:
     """Analytic bytes per step for a run (its model.json) or a config alone (e.g.
-    llama-130m, relora, r=128)."""
+    llama-130m, relora, r=128), on `world_size` ranks, `procs_per_node` to a node (default:
+    distributed.procs_per_node, else 1: every rank its own node, a flat network)."""
     n = world_size or 2
+    g = procs_per_node or cfg.distributed.procs_per_node or 1
+    if n % g:
+        raise ValueError(f"world size {n} is not a multiple of {g} processes per node")
     b = model_bytes(cfg, run_model_args(cfg, run_dir))
     engine = "ddp" if cfg.distributed.deepspeed == "none" else cfg.distributed.deepspeed
-    kw = dict(grad_accum=cfg.train.grad_accum, total_bytes=b["total_bytes"])
     full_kw = dict(grad_accum=cfg.train.grad_accum, total_bytes=b["base_bytes"])
+    sync = sync_per_step(cfg, b, n, g)
     return dict(model=cfg.model.name, strategy=cfg.strategy.name, rank=cfg.strategy.rank, world_size=n,
-                engine=engine, **b,
+                procs_per_node=g, engine=engine, **b,
                 # What one step's sync carries: the trainable gradients as the hook encodes them,
-                # or DiLoCo's pseudo-gradient amortised over its H steps (trainer/comm.py).
-                analytic_bytes_per_step=analytic_bytes_per_step(b["sync_bytes_per_step"], n, engine, **kw),
-                analytic_wire_bytes_per_step=analytic_wire_bytes_per_step(b["sync_bytes_per_step"], n, engine, **kw),
-                # Full rank: the same model without adapters, every weight trainable, same sync.
+                # or DiLoCo's, amortised over its H steps (trainer/comm.py).
+                analytic_bytes_per_step=sync["payload"], analytic_wire_bytes_per_step=sync["wire"],
+                analytic_inter_node_bytes_per_step=sync["inter_node"],
+                analytic_intra_node_bytes_per_step=sync["intra_node"],
+                # Full rank: the same model without adapters, every weight trainable, plain DDP.
                 full_rank_bytes_per_step=analytic_bytes_per_step(b["full_sync_bytes_per_step"], n, engine, **full_kw),
                 full_rank_wire_bytes_per_step=analytic_wire_bytes_per_step(b["full_sync_bytes_per_step"], n, engine,
                                                                            **full_kw))
@@ -107,7 +157,7 @@ def measure_run(metrics: list[dict]) -> dict:
     recs = [r for r in metrics if "comm_bytes" in r and "step" in r]
     if not recs:
         return {}
-    out = {k: recs[-1].get(k) for k in ("trainable_params", "total_params", "world_size")}
+    out = {k: recs[-1].get(k) for k in ("trainable_params", "total_params", "world_size", "procs_per_node")}
     if any("comm/sync_bytes" in r for r in recs):  # records from before per-purpose counting have none
         out["measured_startup_bytes"] = sum(r.get("comm/startup_bytes", 0) for r in recs)
     rewraps = [i for i, r in enumerate(metrics) if r.get("event") == "rewrap"]
@@ -131,9 +181,13 @@ def measure_run(metrics: list[dict]) -> dict:
     out["measured_bytes_per_step"] = nbytes / steps
     if all("comm/sync_wire_bytes" in r for r in window):
         out["measured_wire_bytes_per_step"] = sum(r["comm/sync_wire_bytes"] for r in window) / steps
+        kinds = ["bytes", "wire_bytes"]
+        if all("comm/sync_inter_node_bytes" in r for r in window):  # per node: the sums over its ranks
+            kinds += ["inter_node_bytes", "intra_node_bytes"]
+            for kind in kinds[2:]:
+                out[f"measured_{kind}_per_step"] = sum(r[f"comm/sync_{kind}"] for r in window) / steps
         out["measured_by_purpose_per_step"] = {
-            c: {"bytes": sum(r.get(f"comm/{c}_bytes", 0) for r in window) / steps,
-                "wire_bytes": sum(r.get(f"comm/{c}_wire_bytes", 0.0) for r in window) / steps}
+            c: {k: sum(r.get(f"comm/{c}_{k}", 0) for r in window) / steps for k in kinds}
             for c in CATEGORIES if c != "startup"}
     out["comm_time_per_step_s"] = sum(r.get("comm_time_s") or 0.0 for r in window) / steps
     out["step_time_s"] = wall / steps if wall > 0 else None
@@ -142,7 +196,8 @@ def measure_run(metrics: list[dict]) -> dict:
     return out
 
 
-def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, full_rank_run=None) -> list[dict]:
+def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, full_rank_run=None,
+                procs_per_node=None) -> list[dict]:
     """One dict per run directory (DESIGN.md's `lrpt comm` contract). A YAML config in
     place of a run directory gives the analytic figures only.
 
@@ -153,8 +208,11 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
     sides: this run against the same model without the strategy, synced as plain DDP (fp32
     gradients every step) on the same engine and world size. Without a hook or DiLoCo that is
     exactly 1 - trainable bytes / full-rank bytes (the wire ratio is the same).
-    Projected times are analytic wire bytes divided by each link bandwidth, for the run's
-    world size and for `world_size` if given."""
+    Inter- and intra-node bytes are per node per step (the sums over its ranks), with
+    `procs_per_node` ranks to a node: the run's (its records), else `procs_per_node`, else the
+    config's distributed.procs_per_node, else 1 (a flat network). Projected times are the
+    analytic inter-node bytes of a node divided by its link's bandwidth to the others, for the
+    run's world size and for `world_size` if given."""
     full_measured = None
     if full_rank_run is not None:
         full_measured = measure_run(RunDir(full_rank_run).read_metrics()).get("measured_bytes_per_step")
@@ -165,7 +223,8 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
         cfg = load_config(RunDir(rd).config if is_run else rd)
         meas = measure_run(RunDir(rd).read_metrics()) if is_run else {}
         n_run = meas.get("world_size") or world_size or 2
-        ana = analytic_from_config(cfg, n_run, rd if is_run else None)
+        g = meas.get("procs_per_node") or procs_per_node or cfg.distributed.procs_per_node or 1
+        ana = analytic_from_config(cfg, n_run, rd if is_run else None, g)
         measured = meas.get("measured_bytes_per_step")
         if full_measured:
             mine, full = (measured if measured is not None else ana["analytic_bytes_per_step"]), full_measured
@@ -180,20 +239,26 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
                    measured_bytes_per_step=measured, analytic_bytes_per_step=ana["analytic_bytes_per_step"],
                    measured_wire_bytes_per_step=meas.get("measured_wire_bytes_per_step"),
                    analytic_wire_bytes_per_step=ana["analytic_wire_bytes_per_step"],
+                   procs_per_node=g, nodes=n_run // g,
+                   measured_inter_node_bytes_per_step=meas.get("measured_inter_node_bytes_per_step"),
+                   analytic_inter_node_bytes_per_step=ana["analytic_inter_node_bytes_per_step"],
+                   measured_intra_node_bytes_per_step=meas.get("measured_intra_node_bytes_per_step"),
+                   analytic_intra_node_bytes_per_step=ana["analytic_intra_node_bytes_per_step"],
                    full_rank_bytes_per_step=full_measured or ana["full_rank_bytes_per_step"],
                    full_rank_wire_bytes_per_step=ana["full_rank_wire_bytes_per_step"],
                    saving_vs_full=(1 - mine / full) if full else None,
                    saving_basis="measured full-rank run" if full_measured else "analytic full-rank",
                    measured_by_purpose_per_step=meas.get("measured_by_purpose_per_step"),
-                   measured_startup_bytes=meas.get("measured_startup_bytes"),
+                   measured_startup_bytes=meas.get("measured_startup_bytes"), measured_steps=meas.get("measured_steps"),
                    comm_time_per_step_s=comm_s, step_time_s=step_s,
                    guard_time_per_step_s=meas.get("guard_time_per_step_s"),
                    comm_share_of_step=(comm_s / step_s) if comm_s is not None and step_s else None,
                    projected_comm_s={})
         for n in dict.fromkeys([n_run] + ([world_size] if world_size else [])):
-            wire = analytic_wire_bytes_per_step(ana["trainable_bytes"], n, ana["engine"],
-                                                grad_accum=cfg.train.grad_accum, total_bytes=ana["total_bytes"])
-            row["projected_comm_s"][f"n{n}"] = {f"{bw:g}gbit": wire * 8 / (bw * 1e9) for bw in bandwidths_gbit}
+            if n % g:
+                raise ValueError(f"--world-size {n} is not a multiple of {g} processes per node ({rd})")
+            across = sync_per_step(cfg, ana, n, g)["inter_node"]
+            row["projected_comm_s"][f"n{n}"] = {f"{bw:g}gbit": across * 8 / (bw * 1e9) for bw in bandwidths_gbit}
         rows.append(row)
     return rows
 
@@ -208,8 +273,11 @@ def _human_bytes(v: float) -> str:
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table of comm_report rows (bytes are per rank per optimizer step)."""
     cols = [("run", "run"), ("strategy", "strategy"), ("engine", "engine"), ("world_size", "n"),
+            ("procs_per_node", "per node"),
             ("measured_bytes_per_step", "sync/step"), ("analytic_bytes_per_step", "analytic"),
             ("measured_wire_bytes_per_step", "sync wire"), ("analytic_wire_bytes_per_step", "analytic wire"),
+            ("measured_inter_node_bytes_per_step", "inter/node"), ("analytic_inter_node_bytes_per_step", "analytic inter"),
+            ("measured_intra_node_bytes_per_step", "intra/node"), ("analytic_intra_node_bytes_per_step", "analytic intra"),
             ("edit_bytes_per_step", "edit/step"), ("control_bytes_per_step", "control/step"),
             ("measured_startup_bytes", "startup"),
             ("full_rank_bytes_per_step", "full-rank/step"), ("saving_vs_full", "saving"),
@@ -238,8 +306,10 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if proj:
-        lines.append("ms: projected ring wire time per optimizer step at <link Gbit/s>@n<ranks>")
-    lines.append("bytes per rank per optimizer step; payload unless 'wire' (ring algorithm); saving: payload")
+        lines.append("ms: projected time per optimizer step for a node's inter-node bytes on its link to the others, "
+                     "at <link Gbit/s>@n<ranks>")
+    lines.append("bytes per optimizer step: sync payload and wire (ring algorithm) per rank, inter- and intra-node "
+                 "wire per node; saving: payload")
     return "\n".join(lines)
 
 
@@ -265,7 +335,7 @@ def plot_comm(rows: list[dict], path) -> None:
     for j, bw in enumerate(bws):
         ys = [1e3 * next(iter(r["projected_comm_s"].values()), {}).get(bw, 0.0) for r in rows]
         ax1.bar([i + (j - (len(bws) - 1) / 2) * width for i in x], ys, width=width, label=bw.replace("gbit", " Gbit/s"))
-    ax1.set_ylabel("projected comm ms per step (ring, run's n)")
+    ax1.set_ylabel("projected inter-node ms per step per node (run's n)")
     if bws:
         ax1.legend()
     for ax in (ax0, ax1):

@@ -119,13 +119,64 @@ def test_kth_smallest_of_a_partitioned_tensor_is_torch_kthvalue(one_process_grou
 def test_meter_pop_is_per_process():
     m1 = comm.CommMeter()
     m1.pop()
-    comm.LEDGER.add("sync", "all_reduce", 100, seconds=0.5, world_size=2)
-    comm.LEDGER.add("edit", "all_reduce", 7, world_size=2)
+    comm.LEDGER.add("sync", "all_reduce", 100, seconds=0.5, ranks=(0, 1))
+    comm.LEDGER.add("edit", "all_reduce", 7, ranks=(0, 1))
     m2 = comm.CommMeter()  # e.g. built after a re-wrap: continues where m1 stopped
     popped = m2.pop()
-    assert popped["sync"] == dict(bytes=100, wire_bytes=100.0, seconds=0.5, calls=1)
+    assert popped["sync"] == dict(bytes=100, wire_bytes=100.0, seconds=0.5, calls=1, inter_node_bytes=0.0,
+                                  intra_node_bytes=100.0)  # one node
     assert popped["edit"]["bytes"] == 7 and popped["edit"]["wire_bytes"] == 7.0
     assert all(row["bytes"] == 0 for row in m1.pop().values())
+
+
+def test_wire_bytes_split_by_link_under_the_ring_model(monkeypatch):
+    """2 nodes x 2 ranks, seen from rank 1 (node 0): in a ring over a group each rank sends to
+    the next in group order, so the world ring sends rank 1's share across (its successor,
+    rank 2, is on node 1), its intra-node group nothing, its inter-node group everything; and
+    the wire bytes are the group's ring, not the world's."""
+    from trainer import topology
+
+    top = topology.Topology(rank=1, world=4, procs_per_node=2)
+    assert (top.nodes, top.node, top.local_rank) == (2, 0, 1)
+    assert top.crosses((0, 1, 2, 3)) and top.crosses((1, 3)) and not top.crosses((0, 1))
+    assert not topology.Topology(rank=0, world=4, procs_per_node=2).crosses((0, 1, 2, 3))  # 0 sends to 1
+    monkeypatch.setattr(topology, "_CURRENT", top)
+    before = {c: comm.LEDGER.links(c) for c in ("sync", "edit", "control")}
+    comm.LEDGER.add("sync", "all_reduce", 1000, ranks=(0, 1, 2, 3))  # wire 1500, across
+    comm.LEDGER.add("edit", "all_reduce", 1000, ranks=(0, 1))  # wire 1000, inside
+    comm.LEDGER.add("control", "all_gather", 1000, ranks=(1, 3))  # wire 500, across
+    after = {c: comm.LEDGER.links(c) for c in before}
+    delta = {c: tuple(a - b for a, b in zip(after[c], before[c])) for c in before}
+    assert delta == {"sync": (1500.0, 0.0), "edit": (0.0, 1000.0), "control": (500.0, 0.0)}
+
+
+def test_topology_from_the_launcher_or_the_override():
+    from trainer import topology
+    from trainer.errors import DistributedError
+
+    assert topology.procs_per_node(0, 8, env={"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert topology.procs_per_node(2, 8, env={"LOCAL_WORLD_SIZE": "4"}) == 2  # simulated nodes
+    assert topology.procs_per_node(0, 3, env={}) == 3  # no launcher: one node
+    with pytest.raises(DistributedError, match="distributed.procs_per_node=3 does not divide the world size 8"):
+        topology.procs_per_node(3, 8, env={})
+    line = topology.Topology(rank=0, world=4, procs_per_node=2).describe()
+    assert line == ("world size 4: 2 nodes x 2 processes; intra-node groups [0,1] [2,3], "
+                    "inter-node groups [0,2] [1,3]")
+
+
+def test_count_as_attributes_a_group_whatever_the_phase(one_process_group):
+    """A dedicated group's collectives are one purpose (a background checkpoint writer's
+    gloo group: control), whatever phase the loop is in."""
+    comm.instrument_torch()
+    group = dist.new_group([0])
+    comm.count_as(group, "control")
+    meter = comm.CommMeter()
+    meter.pop()
+    with comm.phase("sync"):
+        dist.all_reduce(torch.ones(4), group=group)
+        dist.all_reduce(torch.ones(2))
+    popped = meter.pop()
+    assert popped["control"]["bytes"] == 16 and popped["sync"]["bytes"] == 8
 
 
 def test_lrpt_comm_models_the_shape_the_run_built(tmp_path):

@@ -32,7 +32,8 @@ STRATEGIES = {
                "strategy.restart_warmup=1"],
     "switchlora": ["strategy.name=switchlora", "strategy.rank=4", "strategy.switch_interval0=2", "strategy.switch_ratio=1"],
 }
-DILOCO = ["distributed.sync=diloco", "distributed.diloco_inner_steps=4"]
+# A worker per process: two workers on one host (a worker per node would make it one).
+DILOCO = ["distributed.sync=diloco", "distributed.diloco_inner_steps=4", "distributed.diloco_worker=process"]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -76,8 +77,12 @@ def test_misaligned_reset_every_is_one_line():
     with pytest.raises(ConfigError) as err:
         load_config(None, [*STRATEGIES["relora"], "strategy.reset_every=6", *DILOCO])
     assert "strategy.reset_every=6: expected a multiple of distributed.diloco_inner_steps=4" in str(err.value)
-    with pytest.raises(ConfigError, match="distributed.deepspeed='zero1': expected none"):
+    with pytest.raises(ConfigError, match="distributed.deepspeed='zero1': expected none with "
+                                          "distributed.diloco_worker=process"):
         load_config(None, [*DILOCO, "distributed.deepspeed=zero1"])
+    with pytest.raises(ConfigError, match="distributed.deepspeed='zero3': expected zero1 or zero2"):
+        load_config(None, [*DILOCO, "distributed.diloco_worker=node", "distributed.deepspeed=zero3"])
+    load_config(None, [*DILOCO, "distributed.diloco_worker=node", "distributed.deepspeed=zero2"])  # ZeRO inside a node
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +91,16 @@ def diloco_runs(tmp_path_factory):
     uninterrupted, and ReLoRA stopped mid-cycle (step 6) and resumed."""
     root = tmp_path_factory.mktemp("diloco")
     runs = {}
+    dropout = {"relora": ["strategy.dropout=0.1"]}  # LoRA dropout: each rank draws its own masks
     for name, overrides in STRATEGIES.items():
         runs[name] = root / name
-        launch(runs[name], [*overrides, *DILOCO, "train.max_steps=12", "distributed.guard_every=4"])
+        launch(runs[name], [*overrides, *dropout.get(name, []), *DILOCO, "train.max_steps=12",
+                            "distributed.guard_every=4"])
     part = root / "relora-resumed"
-    launch(part, [*STRATEGIES["relora"], *DILOCO, "train.max_steps=12", "distributed.guard_every=4",
-                  "checkpoint.every=3", "train.stop_at=6"])
-    launch(part, [*STRATEGIES["relora"], *DILOCO, "train.max_steps=12", "distributed.guard_every=4",
-                  "checkpoint.every=3"])
+    resumable = [*STRATEGIES["relora"], *dropout["relora"], *DILOCO, "train.max_steps=12", "distributed.guard_every=4",
+                 "checkpoint.every=3"]
+    launch(part, [*resumable, "train.stop_at=6"])
+    launch(part, resumable)
     return runs, part
 
 
@@ -118,6 +125,15 @@ def test_diloco_sends_the_trainable_bytes_once_per_outer_step(diloco_runs, name)
 def test_diloco_resume_between_outer_syncs_is_exact(diloco_runs):
     runs, part = diloco_runs
     assert losses(part) == losses(runs["relora"])
+
+
+def test_every_rank_draws_its_own_dropout(diloco_runs):
+    """The global streams (LoRA dropout) are seeded per rank: two workers with the same masks
+    would see less noise than the run claims."""
+    import torch
+    _, part = diloco_runs
+    rng = torch.load(part / "checkpoints" / "step_0000006" / "trainer.pt", weights_only=False)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
 def test_analytic_diloco_bytes_are_trainable_bytes_over_h(diloco_runs):

@@ -271,8 +271,8 @@ def load_model(path: str | Path, device="cpu"):
 def capture(trainer) -> dict:
     """{"model.pt", "optimizer.pt", "trainer.pt"} of a running trainer. Every rank calls it:
     under DeepSpeed the fp32 masters and the optimizer state are gathered, and every rank's own
-    state (RNG; PowerSGD's error feedback; DiLoCo's local weights and inner optimizer between
-    outer syncs) is collected for rank 0 to write."""
+    state (RNG; PowerSGD's error feedback; DiLoCo's slice of the anchor and outer momentum, and
+    its local weights and inner optimizer between outer syncs) is collected for rank 0 to write."""
     from dataclasses import asdict
 
     from trainer import seeding
@@ -282,13 +282,13 @@ def capture(trainer) -> dict:
     model_state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
     for name, p in engine.module.named_parameters():
         model_state[name] = engine.read_param(p).cpu()
-    own = {"hook": trainer.hook.state_dict()}
+    own = {"hook": trainer.hook.state_dict(), "sync": trainer.sync.state_dict()}  # DiLoCo: the rank's slice
     if trainer.sync.local_steps:
         own["local"] = {n: engine.read_param(p).cpu() for n, p in engine.trainable()}
         own["optimizer"] = engine.optimizer_state_dict()
     trainer_state = {"state": asdict(trainer.state), "data": trainer.loader.state_dict(),
                      "strategy": trainer.strategy.state_dict(), "rng": gather(seeding.global_state()),
-                     "sync": trainer.sync.state_dict(), "per_rank": gather(own),
+                     "per_rank": gather(own),
                      "metrics_offset": trainer.run.metrics_size()}  # rank 0's, the one saved
     return {"model.pt": model_state, "optimizer.pt": engine.optimizer_state_dict(), "trainer.pt": trainer_state}
 
@@ -310,8 +310,8 @@ def restore(trainer, state: dict) -> None:
     rng = t["rng"] if isinstance(t["rng"], list) else [t["rng"]]
     if len(rng) == trainer.world:
         seeding.set_global_state(rng[trainer.rank])
-    trainer.sync.load_state_dict(t.get("sync") or {})
     own = (t.get("per_rank") or [])
+    trainer.sync.load_state_dict([o["sync"] for o in own if o.get("sync")])  # any world size
     if len(own) == trainer.world:
         mine = own[trainer.rank]
         trainer.hook.load_state_dict(mine.get("hook"))

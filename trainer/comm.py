@@ -12,7 +12,15 @@ Definitions (used by every number this module produces):
   (n-1)/n x payload for reduce-scatter, all-gather, reduce and broadcast. Projected times
   are wire bytes / link bandwidth.
 
-Purposes (CATEGORIES), by what the process is doing when a collective is issued:
+- node-boundary bytes: the wire bytes that cross from one node to another, under the same ring
+  with node-contiguous ranks (trainer/topology.py): in a collective over a group each rank
+  sends to the next one in group order, so an inter-node group sends all of it across, an
+  intra-node group none, and the world one rank's share per node (its boundary edge). The
+  rest of the wire bytes stay inside the node. Records carry them per node: the sums over
+  the node's ranks (`comm/<purpose>_inter_node_bytes`, `comm/<purpose>_intra_node_bytes`).
+
+Purposes (CATEGORIES), by what the process is doing when a collective is issued, or by the
+group it runs on (`count_as`: a dedicated group's collectives are always one purpose):
 - `sync`: gradient and parameter synchronisation (DDP's bucket all-reduces, ZeRO's reductions,
   shard all-gathers and clipping-norm all-reduce, inside the DeepSpeed engine's backward/step);
 - `edit`: strategy edits of weights and optimizer state (merges, switches);
@@ -34,6 +42,8 @@ from collections import defaultdict
 
 import torch
 
+from trainer import topology
+
 CATEGORIES = ("sync", "edit", "control", "startup")
 ALLREDUCE_OPS = {"all_reduce", "all_reduce_coalesced", "inference_all_reduce"}
 
@@ -51,32 +61,31 @@ def wire_bytes(payload: float, world_size: int, collective: str = "all_reduce") 
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-process ledger. One process group per process, so one ledger: the counters write to
-# it, any number of CommMeters read it.
+# The per-process ledger. The counters write to it, any number of CommMeters read it.
 
 class _Ledger:
     def __init__(self):
         self.lock = threading.Lock()
-        # category -> op -> [payload bytes, wire bytes, seconds, calls]
-        self.data: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0, 0.0, 0]))
+        # category -> op -> [payload, wire, seconds, calls, inter-node wire, intra-node wire]
+        self.data: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0.0, 0.0, 0, 0.0, 0.0]))
         self.phase = ["control"]
-        self.world_size = 0  # 0: not known yet, ask the process group
         self.popped: dict[str, tuple] = {}  # totals at the last CommMeter.pop(), shared by all meters
+        self.popped_links: dict[str, tuple] = {}  # the node's (inter, intra) totals at the last pop
 
-    def world(self) -> int:
-        if self.world_size:
-            return self.world_size
-        import torch.distributed as dist
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    def add(self, category: str, op: str, payload: int, seconds: float = 0.0, calls: int = 1, world_size=None):
-        wire = wire_bytes(payload, world_size or self.world(), op)
+    def add(self, category: str, op: str, payload: int, seconds: float = 0.0, calls: int = 1, group=None,
+            ranks=None):
+        """Count one collective of `payload` bytes over `group` (a ProcessGroup, None: the
+        world), or over the global `ranks` given in group order."""
+        ranks = topology.ranks_of(group) if ranks is None else tuple(ranks)
+        wire = wire_bytes(payload, len(ranks), op)
+        across = topology.current().crosses(ranks)
         with self.lock:
             row = self.data[category][op]
             row[0] += int(payload)
             row[1] += wire
             row[2] += seconds
             row[3] += calls
+            row[4 if across else 5] += wire
 
     def add_time(self, category: str, op: str, seconds: float):
         with self.lock:
@@ -89,9 +98,29 @@ class _Ledger:
         return (int(sum(r[0] for r in rows)), sum(r[1] for r in rows), sum(r[2] for r in rows),
                 int(sum(r[3] for r in rows)))
 
+    def links(self, category: str) -> tuple[float, float]:
+        """(inter-node, intra-node) wire bytes this rank sent since process start."""
+        with self.lock:
+            rows = list(self.data[category].values())
+        return sum(r[4] for r in rows), sum(r[5] for r in rows)
+
 
 LEDGER = _Ledger()
 _local = threading.local()  # .depth > 0 inside a counted collective: nested ones are its own
+_PURPOSE_OF_GROUP: dict[int, tuple] = {}  # id(group) -> (group, purpose)
+
+
+def count_as(group, purpose: str) -> None:
+    """Attribute every collective on `group` to `purpose`, whatever the process is doing (a
+    dedicated group, e.g. background checkpoint writes, runs beside the loop's phases)."""
+    if purpose not in CATEGORIES:
+        raise ValueError(f"comm category {purpose!r}: expected one of {CATEGORIES}")
+    _PURPOSE_OF_GROUP[id(group)] = (group, purpose)
+
+
+def purpose_of(group) -> str:
+    hit = _PURPOSE_OF_GROUP.get(id(group)) if group is not None else None
+    return hit[1] if hit is not None and hit[0] is group else current_phase()
 
 
 @contextlib.contextmanager
@@ -110,10 +139,6 @@ def current_phase() -> str:
     return LEDGER.phase[-1]
 
 
-def set_world_size(n: int) -> None:
-    LEDGER.world_size = int(n)
-
-
 @contextlib.contextmanager
 def _outermost():
     _local.depth = getattr(_local, "depth", 0) + 1
@@ -126,17 +151,17 @@ def _outermost():
 # ---------------------------------------------------------------------------------------------
 # DDP: a comm hook around the default all-reduce hook.
 
-def ddp_comm_hook(state, bucket):
+def ddp_comm_hook(process_group, bucket):
     """Count `bucket.buffer()` (the exact gradient payload of this bucket) as `sync` and time
-    the all-reduce from issue to completion of its future."""
+    the all-reduce over DDP's process group (the hook's state) from issue to completion."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     buf = bucket.buffer()
     nbytes = buf.numel() * buf.element_size()
-    LEDGER.add("sync", "all_reduce", nbytes, calls=1)
+    LEDGER.add("sync", "all_reduce", nbytes, calls=1, group=process_group)
     t0 = time.perf_counter()
     with _outermost():  # the hook's own dist.all_reduce is this collective
-        fut = default_hooks.allreduce_hook(state, bucket)
+        fut = default_hooks.allreduce_hook(process_group, bucket)
 
     def done(f):
         # Runs when the collective completes (gloo: on its worker thread). The time overlaps
@@ -158,8 +183,8 @@ def count_ddp_broadcasts():
     def counted(process_group, tensors, buffer_size, src=0):
         t0 = time.perf_counter()
         out = original(process_group, tensors, buffer_size, src)
-        LEDGER.add(current_phase(), "broadcast", sum(t.numel() * t.element_size() for t in tensors),
-                   time.perf_counter() - t0)
+        LEDGER.add(purpose_of(process_group), "broadcast", sum(t.numel() * t.element_size() for t in tensors),
+                   time.perf_counter() - t0, group=process_group)
         return out
 
     dist._broadcast_coalesced = counted
@@ -184,36 +209,38 @@ def _nbytes(x) -> int:
     return 0
 
 
-# op -> (argument name, position) of the tensor(s) whose bytes are the payload. By name and
-# position because DeepSpeed's decorators hide the signatures.
+# op -> (argument name, position) of the tensor(s) whose bytes are the payload, and the position
+# of the group argument. By name and position because DeepSpeed's decorators hide the signatures.
 _DS_PAYLOAD = {
-    "all_reduce": ("tensor", 0), "inference_all_reduce": ("tensor", 0),
-    "all_reduce_coalesced": ("tensors", 0), "reduce": ("tensor", 0),
-    "reduce_scatter": ("input_list", 1), "reduce_scatter_tensor": ("input_tensor", 1),
-    "broadcast": ("tensor", 0), "all_gather": ("tensor_list", 0),
-    "all_gather_into_tensor": ("output_tensor", 0), "all_gather_base": ("output_tensor", 0),
-    "all_gather_coalesced": ("output_tensors", 0), "all_to_all_single": ("input", 1),
-    "send": ("tensor", 0), "isend": ("tensor", 0),
+    "all_reduce": ("tensor", 0, 2), "inference_all_reduce": ("tensor", 0, 2),
+    "all_reduce_coalesced": ("tensors", 0, 2), "reduce": ("tensor", 0, 3),
+    "reduce_scatter": ("input_list", 1, 3), "reduce_scatter_tensor": ("input_tensor", 1, 3),
+    "broadcast": ("tensor", 0, 2), "all_gather": ("tensor_list", 0, 2),
+    "all_gather_into_tensor": ("output_tensor", 0, 2), "all_gather_base": ("output_tensor", 0, 2),
+    "all_gather_coalesced": ("output_tensors", 0, 2), "all_to_all_single": ("input", 1, 4),
+    "send": ("tensor", 0, 2), "isend": ("tensor", 0, 2),
 }
 _TORCH_PAYLOAD = {
-    "all_reduce": ("tensor", 0), "reduce": ("tensor", 0), "broadcast": ("tensor", 0),
-    "all_gather": ("tensor_list", 0), "all_gather_into_tensor": ("output_tensor", 0),
-    "reduce_scatter": ("input_list", 1), "reduce_scatter_tensor": ("input", 1),
-    "all_to_all_single": ("input", 1), "send": ("tensor", 0), "isend": ("tensor", 0),
+    "all_reduce": ("tensor", 0, 2), "reduce": ("tensor", 0, 3), "broadcast": ("tensor", 0, 2),
+    "all_gather": ("tensor_list", 0, 2), "all_gather_into_tensor": ("output_tensor", 0, 2),
+    "all_gather_single": ("output_tensor", 0, 2), "reduce_scatter_single": ("input", 1, 3),
+    "reduce_scatter": ("input_list", 1, 3), "reduce_scatter_tensor": ("input", 1, 3),
+    "all_to_all_single": ("input", 1, 4), "send": ("tensor", 0, 2), "isend": ("tensor", 0, 2),
 }
 
 
-def _counted(op, method, name, pos):
+def _counted(op, method, name, pos, group_pos):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         if getattr(_local, "depth", 0):
             return method(*args, **kwargs)
         x = kwargs.get(name, args[pos] if len(args) > pos else None)
-        nbytes, category = _nbytes(x), current_phase()
+        group = kwargs.get("group", args[group_pos] if len(args) > group_pos else None)
+        nbytes, category = _nbytes(x), purpose_of(group)
         t0 = time.perf_counter()
         with _outermost():
             work = method(*args, **kwargs)
-        LEDGER.add(category, op, nbytes)
+        LEDGER.add(category, op, nbytes, group=group)
         if work is not None and hasattr(work, "get_future") and kwargs.get("async_op"):
             try:
                 work.get_future().then(lambda f: LEDGER.add_time(category, op, time.perf_counter() - t0))
@@ -238,10 +265,10 @@ def instrument_deepspeed() -> bool:
         return False
     if getattr(cdb, "_lrpt_counted", False):
         return True
-    for op, (name, pos) in _DS_PAYLOAD.items():
+    for op, (name, pos, group_pos) in _DS_PAYLOAD.items():
         method = getattr(cdb, op, None)
         if method is not None:
-            setattr(cdb, op, _counted(op, method, name, pos))
+            setattr(cdb, op, _counted(op, method, name, pos, group_pos))
     cdb._lrpt_counted = True
     return True
 
@@ -254,11 +281,11 @@ def instrument_torch() -> None:
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
-    for op, (name, pos) in _TORCH_PAYLOAD.items():
+    for op, (name, pos, group_pos) in _TORCH_PAYLOAD.items():
         for ns in (dist, c10d):
             fn = getattr(ns, op, None)
             if fn is not None and not getattr(fn, "_lrpt_counted", False):
-                setattr(ns, op, _counted(op, fn, name, pos))
+                setattr(ns, op, _counted(op, fn, name, pos, group_pos))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,21 +297,25 @@ class CommMeter:
     previous one stopped), `by_op()` the totals per collective."""
 
     def __init__(self, engine_or_accelerator=None):
-        acc = getattr(engine_or_accelerator, "accelerator", engine_or_accelerator)
-        n = getattr(acc, "num_processes", None)
-        if n:
-            set_world_size(n)
+        pass  # one ledger per process, and groups know their sizes: nothing to learn from the engine
 
     def pop(self) -> dict[str, dict]:
-        """{category: {bytes, wire_bytes, seconds, calls}} since the previous pop, for every
-        category in CATEGORIES (the first pop covers everything since process start)."""
+        """{category: {bytes, wire_bytes, seconds, calls, inter_node_bytes, intra_node_bytes}}
+        since the previous pop, for every category in CATEGORIES (the first pop covers
+        everything since process start). Payload, wire, seconds and calls are this rank's;
+        the node-boundary bytes are its node's (see _node_links). With several ranks per node
+        every rank of the node must pop together."""
+        links = _node_links()  # first: its own all-reduce then lands in this pop's control bytes
         out = {}
         for category in CATEGORIES:
             now = LEDGER.totals(category)
             before = LEDGER.popped.get(category, (0, 0.0, 0.0, 0))
             b, w, s, c = (x - y for x, y in zip(now, before))
             LEDGER.popped[category] = now
-            out[category] = dict(bytes=int(b), wire_bytes=float(w), seconds=float(s), calls=int(c))
+            inter, intra = (x - y for x, y in zip(links[category], LEDGER.popped_links.get(category, (0.0, 0.0))))
+            LEDGER.popped_links[category] = links[category]
+            out[category] = dict(bytes=int(b), wire_bytes=float(w), seconds=float(s), calls=int(c),
+                                 inter_node_bytes=float(inter), intra_node_bytes=float(intra))
         return out
 
     @staticmethod
@@ -304,16 +335,33 @@ class CommMeter:
         return {op: dict(bytes=int(r[0]), wire_bytes=r[1], seconds=r[2], calls=int(r[3])) for op, r in rows.items()}
 
 
+def _node_links() -> dict[str, tuple[float, float]]:
+    """(inter-node, intra-node) wire bytes per purpose since process start, sent by this
+    rank's whole node. Each rank counts only what it sent, and the ranks of a node run
+    collectives of different sizes on different groups (DiLoCo's slices), so they sum their
+    counts: one all-reduce within the node, counted as control (it stays inside the node, and
+    its own bytes are in the next pop's node figures)."""
+    mine = [v for c in CATEGORIES for v in LEDGER.links(c)]
+    with phase("control"):
+        sums = topology.sum_over_node(mine)
+    return {c: (sums[2 * i], sums[2 * i + 1]) for i, c in enumerate(CATEGORIES)}
+
+
 def record_fields(popped: dict[str, dict]) -> dict:
     """A metrics record's communication fields from `CommMeter.pop()`: payload and wire bytes
-    per purpose (`comm/<purpose>_bytes`, `comm/<purpose>_wire_bytes`); start-up only when
-    something was set up (the first record, and after a re-wrap)."""
-    out = {}
+    per purpose (`comm/<purpose>_bytes`, `comm/<purpose>_wire_bytes`), the node's wire bytes
+    that crossed to other nodes and those that stayed inside it
+    (`comm/<purpose>_inter_node_bytes`, `comm/<purpose>_intra_node_bytes`), and
+    `procs_per_node` (what "node" means in them); start-up only when something was set up
+    (the first record, and after a re-wrap)."""
+    out = {"procs_per_node": topology.current().procs_per_node}
     for category, row in popped.items():
         if category == "startup" and not row["calls"]:
             continue
         out[f"comm/{category}_bytes"] = row["bytes"]
         out[f"comm/{category}_wire_bytes"] = row["wire_bytes"]
+        out[f"comm/{category}_inter_node_bytes"] = row["inter_node_bytes"]
+        out[f"comm/{category}_intra_node_bytes"] = row["intra_node_bytes"]
     return out
 
 

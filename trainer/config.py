@@ -148,7 +148,7 @@ class DistributedConfig:
     outer_lr: float = 0.7  # DiLoCo: outer Nesterov SGD learning rate (OpenDiLoCo's)
     outer_momentum: float = 0.9  # DiLoCo: outer Nesterov momentum
     outer_dtype: str = "fp32"  # DiLoCo: pseudo-gradient all-reduce precision: fp32 | bf16 (half the bytes)
-    diloco_worker: str = "node"  # DiLoCo: what one worker is: node (data-parallel inside each node) | process
+    diloco_worker: str = "node"  # DiLoCo: one worker per node (data-parallel inside it; one node = one worker) | process
     procs_per_node: int = 0  # processes per node; 0 = the launcher's LOCAL_WORLD_SIZE (set it to simulate nodes on one host)
 
 
@@ -292,9 +292,13 @@ def _validate(c: Config) -> None:
         check(d.outer_lr > 0, "distributed.outer_lr", d.outer_lr, "> 0")
         check(0 <= d.outer_momentum < 1, "distributed.outer_momentum", d.outer_momentum, "in [0, 1)")
         one_of("distributed.outer_dtype", d.outer_dtype, ["fp32", "bf16"])
-        # Inner steps are independent per rank; ZeRO shards the optimizer state across ranks.
-        check(d.deepspeed == "none", "distributed.deepspeed", d.deepspeed,
-              "none with distributed.sync=diloco (ZeRO shards the optimizer state that DiLoCo keeps per rank)")
+        # ZeRO shards optimizer state over its data-parallel group, which must be one worker:
+        # a node's ranks, never several workers (their inner steps are independent).
+        check(d.deepspeed == "none" or d.diloco_worker == "node", "distributed.deepspeed", d.deepspeed,
+              "none with distributed.diloco_worker=process (ZeRO would shard optimizer state across DiLoCo "
+              "workers; diloco_worker=node runs ZeRO inside each node)")
+        check(d.deepspeed != "zero3", "distributed.deepspeed", d.deepspeed,
+              "zero1 or zero2 with distributed.sync=diloco (ZeRO-3 partitions the weights the outer step reads)")
 
 
 def describe(cls=Config, prefix: str = "") -> list[str]:

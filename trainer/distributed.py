@@ -12,9 +12,15 @@ Hard-won facts this file encodes (REFERENCE.md, "Distributed facts and traps"):
 - A DDP wrapper syncs only parameters trainable when it was built: a change of
   requires_grad (ReLoRA's warm start ending) needs `prepare` again, which tears down the old
   wrapper first.
+- The data-parallel group need not be the world (DiLoCo with a worker per node: the node's
+  ranks). Accelerate has no argument for it: DDP gets it through a stand-in for Accelerate's
+  DDP kwargs handler, DeepSpeed through the `mpu` argument of deepspeed.initialize, which
+  Accelerate does not pass (we do), both for the duration of one `accelerator.prepare`.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -24,7 +30,8 @@ from datetime import timedelta
 
 import torch
 
-from trainer import comm
+from trainer import comm, topology
+from trainer.hooks import CommHook
 from trainer.resources import resource
 
 DEEPSPEED_CONFIG_DIR = resource("configs", "deepspeed")
@@ -160,92 +167,19 @@ def build_accelerator(cfg):
             f"launched as {launched_world} processes but the process group has {acc.num_processes}: "
             "the workers would train independently. On CPU start DDP with "
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...` or torchrun (lrpt launch does this).")
-    comm.set_world_size(acc.num_processes)
+    topology.build(cfg.distributed.procs_per_node)  # on every rank: it creates process groups
     return acc
 
 
 # ---------------------------------------------------------------------------------------------
 # Wrapping (and re-wrapping)
 
-class CommHook:
-    """The DDP communication hook `distributed.comm_hook` names (none | bf16 | fp16 | powersgd):
-    HOW gradients are encoded on the wire. DDP takes one hook; its collectives are counted by
-    trainer/comm.py's torch.distributed counters (as `sync`: backward runs in that phase), so the
-    bytes are what the hook really sends. We register torch's hooks ourselves, the ones
-    Accelerate's DDPCommunicationHookType names, because Accelerate's registration would leave
-    no room for the counter. PowerSGD's state (error feedback, warm-start Q, its iteration) is
-    per rank and goes into checkpoints through `state_dict`."""
-
-    def __init__(self, name: str = "none", rank: int = 4, start_iter: int = 10, seed: int = 0):
-        self.name, self.state = name, None
-        if name == "powersgd":
-            from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
-            self.state = PowerSGDState(None, matrix_approximation_rank=rank, start_powerSGD_iter=start_iter,
-                                       use_error_feedback=True, warm_start=True, random_seed=seed)
-
-    def register(self, ddp) -> None:
-        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
-
-        if self.name == "none":
-            ddp.register_comm_hook(state=None, hook=comm.ddp_comm_hook)
-        elif self.name in ("bf16", "fp16"):
-            ddp.register_comm_hook(state=None, hook=_compress_hook(torch.bfloat16 if self.name == "bf16" else torch.float16))
-        else:  # the holder, not the state: a resume replaces the state after registration
-            ddp.register_comm_hook(state=self, hook=_synchronous(powerSGD_hook.powerSGD_hook))
-
-    def state_dict(self) -> dict | None:
-        if self.state is None:
-            return None
-        return {slot: getattr(self.state, slot) for slot in type(self.state).__slots__ if slot != "process_group"}
-
-    def load_state_dict(self, state: dict | None) -> None:
-        if self.state is not None and state is not None:
-            for slot, value in state.items():
-                setattr(self.state, slot, value)
-
-
-def _synchronous(hook):
-    """PowerSGD issues its P and Q all-reduces from future callbacks (gloo's threads), while
-    DDP goes on from the autograd thread to the next bucket's hook and, with
-    find_unused_parameters, its own all-reduce of the used-parameter map: two ranks can then
-    enter different collectives (gloo aborts: "Received data size doesn't match"). Waiting for
-    each bucket's whole exchange inside the hook keeps every rank's collectives in one order,
-    at the price of PowerSGD's overlap with backward."""
-
-    def run(holder, bucket):
-        done = torch.futures.Future()
-        done.set_result(hook(holder.state, bucket).wait())
-        return done
-
-    return run
-
-
-def _compress_hook(dtype):
-    """torch's fp16/bf16_compress_hook, which refuses bf16 without CUDA and NCCL: the bucket
-    is divided by the world size, cast, all-reduced in `dtype` and cast back. Gloo reduces
-    bf16 and fp16 on CPU."""
-    import torch.distributed as dist
-
-    def hook(process_group, bucket):
-        group = process_group if process_group is not None else dist.group.WORLD
-        buffer = bucket.buffer()
-        compressed = buffer.div(group.size()).to(dtype)
-        fut = dist.all_reduce(compressed, group=group, async_op=True).get_future()
-
-        def decompress(f):
-            buffer.copy_(f.value()[0])
-            return buffer
-
-        return fut.then(decompress)
-
-    return hook
-
-
-def prepare(accelerator, model, optimizer, hook: CommHook | None = None, local_steps: bool = False):
-    """Wrap `model` (a module, or a previously prepared wrapper) and `optimizer`; under DDP
-    register the communication hook (`hook`, default: plain all-reduce, counted). With
-    `local_steps` (DiLoCo) the model is placed on the device but not wrapped: its gradients
-    never cross the network.
+def prepare(accelerator, model, optimizer, hook: CommHook | None = None, group: topology.Group | None = None):
+    """Wrap `model` (a module, or a previously prepared wrapper) and `optimizer` for data
+    parallelism over `group` (None: the world); under DDP register the communication hook
+    (`hook`, default: plain all-reduce, counted). A group of one rank in a larger world
+    (DiLoCo with a worker per process) places the model on the device unwrapped: its
+    gradients never cross the network.
 
     Calling it again is a re-wrap (the trainable set changed): the previous wrapper is torn
     down first (DDP: its autograd hooks removed, or its reducer would still all-reduce the
@@ -261,11 +195,15 @@ def prepare(accelerator, model, optimizer, hook: CommHook | None = None, local_s
         # their chained collectives, which DDP waits for before backward returns).
         accelerator.backward = _in_phase("sync", accelerator.backward)
         accelerator._lrpt_backward_in_sync = True
+    world = accelerator.num_processes
+    if group is not None and group.size == world:
+        group = None
     with comm.phase("startup"), comm.count_ddp_broadcasts():
-        if local_steps:
+        if group is not None and group.size == 1:
             model_p, opt_p = module.to(accelerator.device), accelerator.prepare_optimizer(optimizer)
         else:
-            model_p, opt_p = accelerator.prepare(module, optimizer)
+            with _data_parallel_over(accelerator, group):
+                model_p, opt_p = accelerator.prepare(module, optimizer)
     if isinstance(model_p, torch.nn.parallel.DistributedDataParallel):
         (hook or CommHook()).register(model_p)
     elif hasattr(model_p, "zero_optimization_stage"):
@@ -275,6 +213,84 @@ def prepare(accelerator, model, optimizer, hook: CommHook | None = None, local_s
             setattr(model_p, name, _in_phase("sync", getattr(model_p, name)))
     accelerator._lrpt_prepared = (model_p, opt_p)
     return model_p, opt_p
+
+
+@contextlib.contextmanager
+def _data_parallel_over(accelerator, group: topology.Group | None):
+    """Make `accelerator.prepare` build its DDP wrapper or DeepSpeed engine over `group`
+    (None: the world)."""
+    if accelerator.distributed_type.name != "DEEPSPEED":
+        original = accelerator.ddp_handler
+        if group is not None:
+            accelerator.ddp_handler = _with_process_group(original, group.pg)
+        try:
+            yield
+        finally:
+            accelerator.ddp_handler = original
+        return
+    import deepspeed
+
+    ds = accelerator.deepspeed_plugin.deepspeed_config
+    # DeepSpeed asserts train_batch_size = micro-batch x accumulation x data-parallel size.
+    ds["train_batch_size"] = (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] *
+                              (accelerator.num_processes if group is None else group.size))
+    initialize = deepspeed.initialize  # Accelerate looks it up at each call
+    if group is not None:
+        deepspeed.initialize = functools.partial(initialize, mpu=_DataParallelMpu(group))
+    try:
+        yield
+    finally:
+        deepspeed.initialize = initialize
+
+
+def _with_process_group(handler, group):
+    """Accelerate's DDP kwargs `handler` plus `process_group`, which its class lacks (and which
+    its to_kwargs could not deepcopy). Accelerate accepts only its own class at construction,
+    and reads `accelerator.ddp_handler` when it wraps: a stand-in for one `prepare`."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class WithGroup(type(handler)):
+        process_group: object = None
+
+        def to_kwargs(self):
+            pg, self.process_group = self.process_group, None
+            try:
+                return {**super().to_kwargs(), "process_group": pg}
+            finally:
+                self.process_group = pg
+
+    return WithGroup(**vars(handler), process_group=group)
+
+
+class _DataParallelMpu:
+    """What DeepSpeed asks of a Megatron-style `mpu` when its data-parallel group is not the
+    world: the group; no model parallelism (a None group is DeepSpeed's mark of an absent
+    dimension: its ZeRO optimizer then issues no model-parallel collective)."""
+
+    def __init__(self, group: topology.Group):
+        self.group = group
+
+    def get_data_parallel_group(self):
+        return self.group.pg
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.group.size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.group.ranks.index(topology.current().rank)
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.group.ranks)
+
+    def get_model_parallel_group(self):
+        return None
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
 
 
 def _in_phase(category, fn):

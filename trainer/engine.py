@@ -175,10 +175,11 @@ class Engine:
             frag = getattr(p, "_hp_mapping", None)  # None: this rank owns no element of p
             if frag is None:
                 empty = torch.empty(0, dtype=torch.float32, device=p.device)
-                fn(Part(p.shape, 0, 0, partitioned=True), {k: empty.clone() for k in keys})
+                fn(Part(p.shape, 0, 0, partitioned=True, group=self._zero.dp_process_group),
+                   {k: empty.clone() for k in keys})
             else:
                 a = frag.lp_fragment_address
-                fn(Part(p.shape, a.start, a.numel, partitioned=True),
+                fn(Part(p.shape, a.start, a.numel, partitioned=True, group=self._zero.dp_process_group),
                    {k: frag.get_optim_state_fragment(k) for k in keys})
             return
         if self.is_managed(p):  # ZeRO-3: gathered, edited, written back
@@ -319,10 +320,12 @@ class Engine:
 
 class Part:
     """The elements of a parameter that this rank holds: `numel` elements from `start` of its
-    flattened value (all of them unless `partitioned`)."""
+    flattened value (all of them unless `partitioned` over the ranks of `group`, ZeRO's
+    data-parallel group: the world, or a node's ranks under DiLoCo with a worker per node)."""
 
-    def __init__(self, shape, start: int, numel: int, partitioned: bool = False):
+    def __init__(self, shape, start: int, numel: int, partitioned: bool = False, group=None):
         self.shape, self.start, self.numel, self.partitioned = torch.Size(shape), start, numel, partitioned
+        self.group = group
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's elements of a full-shaped tensor (every rank computes the same full one)."""
@@ -351,7 +354,7 @@ class Part:
         while lo < hi:
             mid = (lo + hi) // 2
             count.fill_((bits <= mid).sum())
-            dist.all_reduce(count)
+            dist.all_reduce(count, group=self.group)
             if int(count.item()) >= k:
                 hi = mid
             else:

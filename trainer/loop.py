@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer import seeding
+from trainer import seeding, topology
 from trainer.comm import CommMeter, record_fields as comm_record_fields
 from trainer.config import Config
 from trainer.data import PreparedData, BatchLoader, resolve_dataset
@@ -149,7 +149,7 @@ class Trainer:
         optimizer = self.strategy.make_optimizer(groups, self.cfg.optimizer)
         self.base_lrs = [g.get("lr", self.cfg.optimizer.lr) for g in optimizer.param_groups]
         self.model, self.optimizer = prepare(self.accelerator, module, optimizer, hook=self.hook,
-                                             local_steps=self.sync.local_steps)
+                                             group=self.sync.data_parallel)
         self.engine = Engine(self.accelerator, self.model, self.optimizer)
         refresh_fused(self.engine.module)  # prepare may have moved or re-pointed weights
         self.sync.reanchor(self.engine)  # DiLoCo: the weights every rank starts from
@@ -180,7 +180,8 @@ class Trainer:
         say(self.accelerator,
             f"model {c.model.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}"
             f"/{a.num_kv_heads}, vocab {a.vocab_size}\n{self.strategy.describe(module)}\n"
-            f"world size {self.world}, {c.data.batch_size} seq x {c.data.seq_len} tokens x "
+            f"{topology.current().describe()}\n{self.sync.describe()}\n"
+            f"{c.data.batch_size} seq x {c.data.seq_len} tokens x "
             f"{c.train.grad_accum} accum per rank = {self.tokens_per_step:,} tokens/step\n"
             f"validation: {val_sequences} sequences ({val_sequences * c.data.seq_len:,} tokens) at every evaluation\n"
             f"run directory: {self.run.path}")

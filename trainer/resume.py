@@ -21,6 +21,7 @@ from trainer.rundir import RunDir
 RESUMABLE = ("run.", "train.max_steps", "train.stop_at", "train.device", "train.precision", "train.compile",
              "train.activation_checkpointing", "logging.",
              "checkpoint.", "distributed.timeout_s", "distributed.guard_every", "distributed.deepspeed",
+             "distributed.procs_per_node",
              "optimizer.lr", "optimizer.grad_clip", "optimizer.weight_decay", "schedule.")
 
 
