@@ -92,6 +92,9 @@ class _Ledger:
 
 LEDGER = _Ledger()
 _local = threading.local()  # .depth > 0 inside a counted collective: nested ones are its own
+# Process groups whose collectives are always `control`, whatever the phase: the checkpoint
+# writer's, used from a background thread while the main thread may be in `sync`.
+CONTROL_GROUPS: list = []
 
 
 @contextlib.contextmanager
@@ -209,7 +212,9 @@ def _counted(op, method, name, pos):
         if getattr(_local, "depth", 0):
             return method(*args, **kwargs)
         x = kwargs.get(name, args[pos] if len(args) > pos else None)
-        nbytes, category = _nbytes(x), current_phase()
+        group = kwargs.get("group")
+        category = "control" if group is not None and any(group is g for g in CONTROL_GROUPS) else current_phase()
+        nbytes = _nbytes(x)
         t0 = time.perf_counter()
         with _outermost():
             work = method(*args, **kwargs)
