@@ -15,16 +15,32 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, StorageMeta,
                                                     TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, refused_pickle
+
+# A run of one process has no process group; DCP then works alone, as we mean it to.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+# What a failed write raises: DCP gathers each rank's exception into a CheckpointException (a
+# BaseException), raised on every rank.
+WRITE_ERRORS = (Exception, CheckpointException)
+
+
+def first_failure(e: BaseException) -> BaseException:
+    """The exception behind one of DCP's CheckpointExceptions (rank -> (exception, traceback))."""
+    for failure in getattr(e, "failures", {}).values():
+        return failure[0] if isinstance(failure, tuple) else failure
+    return e
 
 
 class Chunk(torch.Tensor):
@@ -183,8 +199,16 @@ def save(folder: Path, flat: dict, group, background: bool = False, on_item=None
 def load(folder: Path, flat: dict, group) -> None:
     """Fill `flat` ({key: Chunk or tensor to read into}) from the checkpoint in `folder`; every
     rank of `group` calls it (None: this process alone)."""
-    dcp.load(flat, storage_reader=_Reader(str(folder)), planner=_LoadPlanner(), process_group=group,
-             no_dist=group is None)
+    try:
+        dcp.load(flat, storage_reader=_Reader(str(folder)), planner=_LoadPlanner(), process_group=group,
+                 no_dist=group is None)
+    except CheckpointException as e:
+        cause = first_failure(e)
+        if isinstance(cause, CheckpointError):
+            raise cause from None
+        if isinstance(cause, pickle.UnpicklingError):  # a shard's tensor record names a global
+            raise refused_pickle(folder, cause) from None
+        raise CheckpointError(f"cannot read checkpoint {folder}: {type(cause).__name__}: {cause}") from None
 
 
 def tensors(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:

@@ -87,7 +87,8 @@ def complete(ckpt_root: Path, step: int, meta: dict, keep: int) -> Path:
     try:
         pause("before_marker", step, ckpt_root)
         # Last: a folder with meta.json is complete, and only complete folders are renamed.
-        fsync_write(tmp / META, json.dumps(meta, indent=1).encode())
+        # It holds state too (shapes, the shared state): its own digest covers that.
+        fsync_write(tmp / META, json.dumps({**meta, "meta_sha256": _digest(meta)}, indent=1).encode())
         pause("before_rename", step, ckpt_root)
         if final.exists():  # a re-save of the same step (e.g. after a preemption at a save step)
             shutil.rmtree(final)
@@ -154,6 +155,10 @@ def read_meta(folder: Path) -> dict:
     return json.loads((folder / META).read_bytes())
 
 
+def _digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def verify(folder: Path) -> str | None:
     """None if `folder` is a complete checkpoint whose files match their checksums, else why not."""
     meta_path = folder / META
@@ -165,6 +170,9 @@ def verify(folder: Path) -> str | None:
         return f"meta.json unreadable: {e}"
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict) or not meta["sha256"]:
         return "meta.json has no checksums"
+    own = meta.pop("meta_sha256", None)  # absent in the format before DCP, whose marker held checksums only
+    if own is not None and own != _digest(meta):
+        return "meta.json checksum mismatch (corrupt)"
     for name, digest in meta["sha256"].items():
         path = folder / name
         if "/" in name or not path.is_file():

@@ -115,13 +115,13 @@ class Checkpointer:
             try:
                 job.future = dcp_io.save(job.tmp, flat, self.group, background=True, on_item=self._pause_mid(step))
                 job.future.add_done_callback(lambda f: self._finish(job, own, f.exception()))
-            except Exception as e:  # noqa: BLE001 - reported to every rank by settle
+            except dcp_io.WRITE_ERRORS as e:  # reported to every rank by settle
                 self._finish(job, own, e)
             return
         try:
             dcp_io.save(job.tmp, flat, self.group, on_item=self._pause_mid(step))
             error = None
-        except Exception as e:  # noqa: BLE001
+        except dcp_io.WRITE_ERRORS as e:
             error = e
         self._finish(job, own, error)
         self.wait()
@@ -140,15 +140,12 @@ class Checkpointer:
             record = {"rank": self.rank, "own": own, "sha256": {p.name: fs.sha256(p) for p in files}}
             fs.fsync_write(job.tmp / rank_file(self.rank), json.dumps(record).encode())
             fs.pause("after_shard", job.step, self.root, self.rank)
-        except Exception as e:  # noqa: BLE001 - a disk full or read-only, one line for every rank
+        except dcp_io.WRITE_ERRORS as e:  # a disk full or read-only: one line for every rank
             job.error = self._message(e, job)
         job.done.set()
 
     def _message(self, e: BaseException, job: _Save) -> str:
-        cause = e
-        for failure in getattr(e, "failures", {}).values():  # DCP's CheckpointException: per rank
-            cause = failure[0] if isinstance(failure, tuple) else failure
-            break
+        cause = dcp_io.first_failure(e)
         if isinstance(cause, OSError):
             return fs.write_failure(cause, self.root, job.step, job.need)
         return f"checkpoint step {job.step} could not be written to {self.root}: {type(cause).__name__}: {cause}"
