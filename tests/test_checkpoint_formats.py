@@ -1,6 +1,6 @@
 """Both checkpoint formats, read by everything that reads one, and loading that runs no code.
 
-- A run whose checkpoints are in the format before DCP (tests/legacy_checkpoint.py) resumes and
+- A run whose checkpoints are in the format before DCP (tests/checkpoint_files.py) resumes and
   rebuilds the uninterrupted curve; `lrpt eval`, `lrpt export`, `lrpt analyze` and
   `model.init_from` give the same results from either format.
 - A planted pickle that would create a file when unpickled, with its checksum updated (DCP's
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests import faults
-from tests.legacy_checkpoint import plant, to_legacy
+from tests.checkpoint_files import plant, to_legacy
 from trainer import checkpoint as ckpt
 from trainer.rundir import RunDir
 

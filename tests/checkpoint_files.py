@@ -1,6 +1,10 @@
-"""The checkpoint format before DCP, written for the tests that read it: what rank 0 wrote up to
-commit 5e0c52e (trainer/checkpoint.py `capture` and `save` there), built here from a DCP
-checkpoint of the same state so a test can resume from both and compare.
+"""Checkpoint folders for tests that read them.
+
+`save_model` writes a model's state dict as a (model-only) checkpoint through the real writer.
+
+`to_legacy` rewrites a checkpoint in the format before DCP: what rank 0 wrote up to commit
+5e0c52e (trainer/checkpoint.py `capture` and `save` there), built from a DCP checkpoint of the
+same state so a test can resume from both and compare:
 
     model.pt      {name: fp32 tensor}: the module's state dict
     optimizer.pt  {name: {state key: full tensor}}
@@ -20,6 +24,15 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import folder as fs
+from trainer.checkpoint.dcp_io import Chunk
+
+
+def save_model(ckpt_root: Path, step: int, state_dict: dict, keep: int = 3) -> Path:
+    """`state_dict` (a module's) as checkpoint `step` of `ckpt_root`, with no optimizer or
+    trainer state: what eval, export and analyze read."""
+    state = {"model": {k: Chunk.whole(v) for k, v in state_dict.items()}, "optimizer": {}, "trainer": {}, "own": {}}
+    ckpt.Checkpointer(ckpt_root, keep, background=False, rank=0, world=1).save(state, step, final=True)
+    return Path(ckpt_root) / fs.step_dir_name(step)
 
 
 def to_legacy(folder: Path) -> None:
