@@ -14,7 +14,9 @@ trainer/checkpoint/plain.py). Tensor items are read with torch.load(weights_only
 from __future__ import annotations
 
 import io
+import math
 import pickle
+import queue
 import warnings
 from pathlib import Path
 
@@ -65,10 +67,6 @@ class Chunk(torch.Tensor):
         n = t.numel()
         lo, hi = n * rank // world, n * (rank + 1) // world
         return cls(t.detach().reshape(-1)[lo:hi], lo, n, t.shape)
-
-    def staged(self) -> "Chunk":
-        """A private copy, for a write that runs while training goes on."""
-        return Chunk(self.local.clone(), self.offset, self.numel(), self.shape_of)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -146,13 +144,38 @@ class _LoadPlanner(DefaultLoadPlanner):
 # ---------------------------------------------------------------------------------------------
 # Writing and reading
 
+MAX_FILE_BYTES = 64 << 20
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer (fsynced: a rank's files are complete once its write returns), with a
+    rank's share split into files of at most MAX_FILE_BYTES. DCP copies each view it writes (a
+    fragment of a flat ZeRO buffer, a 1/world share of a weight) and keeps the copies until
+    their file is written (torch 2.13, filesystem.py `_write_files_from_queue`): one file per
+    rank would hold a copy of the rank's whole share; bounded files bound that copy."""
+
+    def write_data(self, plan, planner):
+        files, size = [[]], 0
+        for item in plan.items:
+            n = math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+            if files[-1] and size + n > MAX_FILE_BYTES:
+                files.append([])
+                size = 0
+            files[-1].append(item)
+            size += n
+        todo: queue.Queue = queue.Queue()
+        for i, items in enumerate(files):
+            name = f"{plan.storage_data.prefix}{i}.distcp"
+            todo.put((self.fs.concat_path(self.path, name), name, items))
+        return self._write_data(planner, todo)
+
+
 def _writer(folder: Path):
-    # One file per rank, fsynced: a rank's shard is complete once its write returns.
-    return dcp.FileSystemWriter(str(folder), single_file_per_rank=True, sync_files=True, thread_count=1)
+    return _Writer(str(folder), single_file_per_rank=True, sync_files=True, thread_count=1)
 
 
 class _NoStaging:
-    """dcp.async_save's stager, for a state dict that is already a private copy (Chunk.staged):
+    """dcp.async_save's stager, for a state dict that is already a private copy (Checkpointer._stage):
     DCP's own stager would copy every tensor, and a Chunk not as the piece it is."""
 
     _synchronize_after_execute = False

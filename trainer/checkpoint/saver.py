@@ -68,10 +68,6 @@ def _flatten(state: dict, rank: int, world: int):
     return flat, shared, own, shapes, need
 
 
-def _staged(flat: dict) -> dict:
-    return {k: v.staged() if isinstance(v, Chunk) else v.detach().clone() for k, v in flat.items()}
-
-
 class _Save:
     """One save in flight on this rank."""
 
@@ -91,6 +87,11 @@ class Checkpointer:
 
         self.root, self.keep, self.background, self.rank, self.world = Path(ckpt_root), keep, background, rank, world
         self.pending: _Save | None = None
+        # Background saves copy this rank's share into buffers kept from one save to the next:
+        # a copy into memory already mapped is a memcpy; fresh memory costs a page fault per
+        # page, several times the copy (benchmarks/checkpoint_state.py). The price: a second
+        # copy of the share stays in host memory.
+        self._staging: dict[str, torch.Tensor] = {}
         self.failure = ""  # rank 0: completing the last save failed; every rank hears it at the next settle
         self.group = None
         if world > 1 and dist.is_available() and dist.is_initialized():
@@ -111,7 +112,7 @@ class Checkpointer:
         job = _Save(step, fs.tmp_dir(self.root, step), shared, shapes, need)
         self.pending = job
         if self.background and not final:
-            flat = _staged(flat)  # training goes on: write a copy of this rank's share
+            flat = self._stage(flat)  # training goes on: write a copy of this rank's share
             try:
                 job.future = dcp_io.save(job.tmp, flat, self.group, background=True, on_item=self._pause_mid(step))
                 job.future.add_done_callback(lambda f: self._finish(job, own, f.exception()))
@@ -125,6 +126,18 @@ class Checkpointer:
             error = e
         self._finish(job, own, error)
         self.wait()
+
+    def _stage(self, flat: dict) -> dict:
+        out, kept = {}, {}
+        for key, v in flat.items():
+            src = v.local if isinstance(v, Chunk) else v.detach()
+            buf = self._staging.get(key)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = torch.empty_like(src, memory_format=torch.contiguous_format)
+            kept[key] = buf.copy_(src)
+            out[key] = Chunk(buf, v.offset, v.numel(), v.shape_of) if isinstance(v, Chunk) else buf
+        self._staging = kept  # buffers of keys no longer saved (a re-wrap) are let go
+        return out
 
     def _pause_mid(self, step: int):
         return lambda: fs.pause("mid_shard", step, self.root, self.rank)
