@@ -60,9 +60,10 @@ def worker(argv: list[str]) -> None:
     saver = getattr(trainer, "saver", None)  # None: the format before DCP
     rank = trainer.rank
     blocked, depth = [0.0], [0]  # seconds the loop spent inside the checkpoint layer (save, settle, wait)
+    by_call = {"save": [0.0], "settle": [0.0], "wait": [0.0]}
     if saver is not None:
         for name in ("save", "settle", "wait"):
-            def timed(*args, _fn=getattr(saver, name), **kwargs):
+            def timed(*args, _fn=getattr(saver, name), _name=name, **kwargs):
                 depth[0] += 1
                 t = time.perf_counter()
                 try:
@@ -71,6 +72,7 @@ def worker(argv: list[str]) -> None:
                     depth[0] -= 1
                     if not depth[0]:  # save calls wait: count the outermost call only
                         blocked[0] += time.perf_counter() - t
+                        by_call[_name][0] += time.perf_counter() - t
             setattr(saver, name, timed)
 
     def step():
@@ -111,10 +113,13 @@ def worker(argv: list[str]) -> None:
         step()
     blocks = {k: [] for k in ["none", *kinds]}
     calls = {k: [] for k in kinds}
+    parts = {k: [] for k in kinds}
     for _ in range(a["blocks"]):
         for kind in blocks:
             barrier()
             blocked[0] = 0.0
+            for v in by_call.values():
+                v[0] = 0.0
             t0 = time.perf_counter()
             if kind != "none":
                 save(background=kind == "async", wait=False)
@@ -125,9 +130,10 @@ def worker(argv: list[str]) -> None:
             blocks[kind].append(time.perf_counter() - t0)
             if kind != "none":
                 calls[kind].append(blocked[0] if saver is not None else blocks[kind][-1] - blocks["none"][-1])
+                parts[kind].append({k: v[0] for k, v in by_call.items()})
     params = sum(p.numel() for p in trainer.engine.module.parameters())
     out = {"rank": rank, "world": trainer.world, "params": params, "state_bytes": 12 * params,
-           "memory": memory, "blocks_s": blocks, "save_call_s": calls}
+           "memory": memory, "blocks_s": blocks, "save_call_s": calls, "blocked_parts_s": parts}
     Path(a["out"], f"rank{rank}.json").write_text(json.dumps(out))
     trainer.accelerator.end_training()
 
@@ -172,7 +178,9 @@ def main() -> None:
            "rank0_kept_after": {k: v["after_bytes"] for k, v in r0["memory"].items()},
            "save_alone_s": {k: v["seconds"] for k, v in r0["memory"].items()},
            "block_median_s": med, "stall_s": {k: med[k] - med["none"] for k in med if k != "none"},
-           "blocked_s": {k: statistics.median(v) for k, v in r0["save_call_s"].items()}}
+           "blocked_s": {k: statistics.median(v) for k, v in r0["save_call_s"].items()},
+           "blocked_parts_s": {k: {c: statistics.median(p[c] for p in v) for c in v[0]} if v and v[0] else {}
+                               for k, v in r0["blocked_parts_s"].items()}}
     if "async" in row["stall_s"]:
         row["async_over_sync"] = {"blocked": row["blocked_s"]["async"] / row["blocked_s"]["sync"],
                                   "block_time": row["stall_s"]["async"] / row["stall_s"]["sync"]}

@@ -61,7 +61,8 @@ def test_a_background_save_is_a_copy_and_completes_only_once_settled(tmp_path):
     while saver.flags()[0] == 0:  # the write runs in the background
         time.sleep(0.01)
     assert ckpt.find_latest(tmp_path) is None and not (tmp_path / "step_0000005").exists()
-    saver.settle(*saver.flags())  # what the loop does after its per-step all-reduce
+    saver.settle(*saver.flags())  # what the loop does after its per-step all-reduce: rank 0 completes it
+    saver.wait()  # (in the background as well: the next save, or the end, waits for that)
     assert ckpt.find_latest(tmp_path).name == "step_0000005"
     assert torch.equal(ckpt.read(tmp_path / "step_0000005")["model"]["w"], torch.full((2, 3), 5.0))
 

@@ -99,7 +99,7 @@ def complete(ckpt_root: Path, step: int, meta: dict, keep: int) -> Path:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(write_failure(e, ckpt_root, step)) from None
-    prune(ckpt_root, keep)
+    prune(ckpt_root, keep, before=step)
     return final
 
 
@@ -131,14 +131,15 @@ def check_writable(ckpt_root: Path) -> None:
                               f"writable or choose another run.dir") from None
 
 
-def prune(ckpt_root: Path, keep: int) -> None:
+def prune(ckpt_root: Path, keep: int, before: int | None = None) -> None:
     """Keep the newest `keep` complete checkpoints; drop temporary folders of saves that never
-    finished (one save is in flight at a time, and this runs when it is done)."""
+    finished: all of them, or those of steps before `before` (a later save may be starting)."""
     complete_ = [d for d in list_checkpoints(ckpt_root) if (d / META).exists()]
     for old in complete_[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if before is None or step_of(Path(stale.name.removeprefix(".tmp-"))) < before:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,14 +93,15 @@ class Checkpointer:
         # copy of the share stays in host memory.
         self._staging: dict[str, torch.Tensor] = {}
         self.failure = ""  # rank 0: completing the last save failed; every rank hears it at the next settle
+        self._completer: threading.Thread | None = None  # rank 0: marker, rename, `latest`
         self.group = None
         if world > 1 and dist.is_available() and dist.is_initialized():
             # Its own gloo group: a background write's collectives must never interleave with the
             # loop's on the default group (and gloo is what DCP's async save needs).
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
             comm.CONTROL_GROUPS.append(self.group)
-        if rank == 0:
-            fs.prune(self.root, keep) if self.root.is_dir() else None  # temporary folders of a crashed run
+        if rank == 0 and self.root.is_dir():
+            fs.prune(self.root, keep)  # temporary folders of a crashed run (no save is under way yet)
 
     # -- saving -------------------------------------------------------------------------------
     def save(self, state: dict, step: int, final: bool = False) -> None:
@@ -188,12 +189,18 @@ class Checkpointer:
             return
         self.pending = None
         if self.rank == 0:
-            try:
-                self._complete(job)
-            except CheckpointError as e:
-                self.failure = str(e)
+            # Off the loop too: the marker's and the pointer's fsyncs wait for the disk, and
+            # the other ranks would wait for rank 0 at the next step. The next save joins it.
+            self._completer = threading.Thread(target=self._complete, args=(job,), name="checkpoint-complete")
+            self._completer.start()
 
     def _complete(self, job: _Save) -> None:
+        try:
+            self._write_marker(job)
+        except CheckpointError as e:
+            self.failure = str(e)
+
+    def _write_marker(self, job: _Save) -> None:
         sums = {}
         try:
             for r in range(self.world):
@@ -206,16 +213,23 @@ class Checkpointer:
                 "trainer": job.shared, "sha256": sums}
         fs.complete(self.root, job.step, meta, self.keep)
 
+    def _join(self) -> None:
+        if self._completer is not None:
+            self._completer.join()
+            self._completer = None
+
     def wait(self) -> None:
         """Block until the save in flight is complete on every rank (a collective, called at
         the same point by every rank); raise its failure, if any, on every rank."""
         from trainer.ranks import all_reduce_sum, broadcast_str
 
-        if self.pending is None:
+        if self.pending is None:  # alike on every rank; a completion still running is rank 0's alone
+            self._join()
             return
         self.pending.done.wait()
         n_done, n_failed = all_reduce_sum(self.flags(), "cpu")
         self.settle(n_done, n_failed)
+        self._join()
         problem = broadcast_str(self.failure)
         self.failure = ""
         if problem:
