@@ -22,6 +22,8 @@ import torch
 from launcher.launch import child_env, compose, free_port
 from trainer import checkpoint as ckpt
 
+# Four launches (the first of 4 DeepSpeed processes) in the first test's set-up.
+pytestmark = pytest.mark.timeout(900)
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ["model.name=micro", "data.seq_len=32", "data.batch_size=2", "data.embedded_sentences=2000",
         "data.embedded_vocab=300", "logging.log_every=1", "logging.eval_every=0", "logging.eval_batches=1",
