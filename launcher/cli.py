@@ -107,7 +107,7 @@ def cmd_plot(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from trainer.hf import export_hf
+    from trainer.export import export_hf
     out = export_hf(a.checkpoint, a.out)
     print(f"exported to {out}: load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0

@@ -4,12 +4,14 @@ kill it with SIGKILL there, and compare what a resume rebuilds with the uninterr
 A point is `<where>@<step>`:
     step@k           at the start of optimizer step k (k-1 steps done, nothing of step k)
     log@k            half-way through writing step k's metrics record (the line is cut)
-    mid_write@k      checkpoint k: the first file written, the others not
+    mid_shard@k      checkpoint k: half-way through writing this rank's shard (DCP items)
+    after_shard@k    checkpoint k: this rank's shard and record written, the marker not
+    before_marker@k  checkpoint k: every rank's files written, meta.json not yet
     before_rename@k  checkpoint k: meta.json written, the folder not yet renamed
     before_latest@k  checkpoint k: renamed, `latest` not yet moved
     merge@k          ReLoRA's merge at step k, after the first adapter, before the second
     switch@k         SwitchLoRA's switches at step k, after the first layer, before the second
-The checkpoint points are the writer's own test hook (LRPT_TEST_PAUSE, trainer/checkpoint.py);
+The checkpoint points are the writer's own test hook (LRPT_TEST_PAUSE, trainer/checkpoint/folder.py);
 the others are patched in here, in the child only. A paused child writes a marker file and
 sleeps until the parent kills it, so each kill lands exactly where it was aimed.
 
@@ -46,7 +48,7 @@ STRATEGIES = {
     "switchlora": ["strategy.name=switchlora", "strategy.rank=4", "strategy.switch_interval0=1",
                    "strategy.freeze_steps=2"],
 }
-CHECKPOINT_POINTS = ("mid_write", "before_rename", "before_latest")
+CHECKPOINT_POINTS = ("mid_shard", "after_shard", "before_marker", "before_rename", "before_latest")
 POINTS = ("step", "log", *CHECKPOINT_POINTS, "merge", "switch")
 MARKER = ".fault-paused"
 
@@ -165,6 +167,7 @@ def run_killed(strategy: str, run_dir: Path, point: str, *extra: str, timeout: f
 class Trial:
     strategy: str
     point: str
+    background: bool = False  # checkpoint.async: the kill may land while training went on past the save
     outcome: str = ""  # killed / finished
     resumed_from: int | None = None
     lost_steps: int = 0  # steps done before the kill that the resume had to redo
@@ -176,7 +179,7 @@ def draw_trials(n: int, seed: int) -> list[Trial]:
     first few; merges only at ReLoRA's merge steps (3, 6), switches only under SwitchLoRA,
     logs only at the steps that log."""
     rng = random.Random(seed)
-    out = []
+    out, saves = [], 0
     for i in range(n):
         where = POINTS[i] if i < len(POINTS) else rng.choice(POINTS)
         if where == "merge":
@@ -185,6 +188,9 @@ def draw_trials(n: int, seed: int) -> list[Trial]:
             strategy, step = "switchlora", rng.randint(1, 2)
         elif where in CHECKPOINT_POINTS:
             strategy, step = rng.choice(list(STRATEGIES)), rng.choice([3, 6, 8])
+            saves += 1  # every other one written in the background (8, the last, never is)
+            out.append(Trial(strategy, f"{where}@{step}", background=saves % 2 == 0))
+            continue
         elif where == "log":  # the steps that log
             strategy, step = rng.choice(list(STRATEGIES)), rng.choice([2, 4, 6, 8])
         else:
@@ -195,13 +201,14 @@ def draw_trials(n: int, seed: int) -> list[Trial]:
 
 def run_trial(trial: Trial, run_dir: Path, reference: Path) -> Trial:
     """Kill at the trial's point, resume in this process, compare with `reference`."""
-    trial.outcome = run_killed(trial.strategy, run_dir, trial.point)
+    extra = ["checkpoint.async=true"] if trial.background else ["checkpoint.async=false"]
+    trial.outcome = run_killed(trial.strategy, run_dir, trial.point, *extra)
     latest = ckpt.find_latest(run_dir / "checkpoints")
     trial.resumed_from = ckpt.step_of(latest) if latest else 0
     where, _, at = trial.point.partition("@")
     reached = int(at) - (1 if where == "step" else 0)  # steps finished when the kill came
     trial.lost_steps = max(0, reached - trial.resumed_from) if trial.outcome == "killed" else 0
-    run(trial.strategy, run_dir)
+    run(trial.strategy, run_dir, *extra)
     trial.exact = losses(run_dir) == losses(reference) and curve(run_dir) == curve(reference)
     return trial
 

@@ -224,10 +224,10 @@ class Run:
     def events(self) -> list[tuple[int, str]]:
         return [(r["step"], r["event"]) for r in self.records() if "event" in r]
 
-    def checkpoint(self, step: int, name: str = "model.pt") -> dict:
-        import torch
-        return torch.load(self.dir / "checkpoints" / f"step_{step:07d}" / name, map_location="cpu",
-                          weights_only=False)
+    def checkpoint(self, step: int, part: str = "model") -> dict:
+        """One part of checkpoint `step`, whole, by name: model, optimizer or trainer."""
+        from trainer.checkpoint import read
+        return read(self.dir / "checkpoints" / f"step_{step:07d}", (part,))[part]
 
 
 def launch(tmp: Path, name: str, deepspeed: str, overrides: list[str], cache: Path, timeout: int = 300) -> Run:
@@ -430,7 +430,7 @@ def assert_same_training(zero: Run, ddp: Run, rel: float = 1e-4):
     assert zm.keys() == dm.keys()
     for name in dm:
         torch.testing.assert_close(zm[name], dm[name], rtol=1e-4, atol=1e-6, msg=name)
-    zo, do = zero.checkpoint(last, "optimizer.pt"), ddp.checkpoint(last, "optimizer.pt")
+    zo, do = zero.checkpoint(last, "optimizer"), ddp.checkpoint(last, "optimizer")
     assert {k for k in zo if k != "__groups__"} == {k for k in do if k != "__groups__"}
     for name, state in do.items():
         if name == "__groups__":
@@ -467,7 +467,7 @@ def test_zero2_relora_merges_reach_the_fp32_masters(zero2_relora):
     assert [zero2_relora.steps()[s]["lr"] for s in (6, 9)] == [0.0, 0.0]
     for k in RELORA_MERGES:
         before, at, after = (zero2_relora.checkpoint(s) for s in (k - 1, k, k + 1))
-        opt = zero2_relora.checkpoint(k, "optimizer.pt")
+        opt = zero2_relora.checkpoint(k, "optimizer")
         for index, name in enumerate(names):
             A, B, W = (f"{name}.lora_A", f"{name}.lora_B", f"{name}.weight")
             fresh = kaiming_uniform(at[A].shape, seeded_generator(info["seed"], k, index, Purpose.A_INIT))
@@ -497,7 +497,7 @@ def test_zero1_switchlora_matches_ddp_through_switches_and_freezes(zero1_switch,
     # some elements frozen by the last switch (-freeze_steps), some restarted, most at 8.
     steps = torch.cat([zo[n]["step"].flatten() for n in zo if n.endswith(("lora_A", "lora_B"))])
     assert (steps == -2).any() and ((steps > 0) & (steps < 8)).any() and (steps == 8).any()
-    zs, ds = (r.checkpoint(8, "trainer.pt")["strategy"] for r in (zero1_switch, ddp_switch))
+    zs, ds = (r.checkpoint(8, "trainer")["strategy"] for r in (zero1_switch, ddp_switch))
     assert zs["switches"] == ds["switches"] > 8 * 28
     for (za, zb), (da, db) in zip(zs["pools"], ds["pools"]):
         for z, d in ((za, da), (zb, db)):

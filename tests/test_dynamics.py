@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer import checkpoint
+from tests.checkpoint_files import save_model
 from trainer.config import load_config, save_config
 from trainer.dynamics import (DynamicsTracker, analyze_run, condition_number, dynamics_record, layer_matrices,
                               singular_values, spectrum_metrics)
@@ -162,7 +162,7 @@ def test_analyze_run_over_checkpoints(tmp_path):
     for step in (10, 20):
         with torch.no_grad():
             model.layers[0].self_attn.v_proj.lora_B.add_(0.05)
-        checkpoint.save(tmp_path / "checkpoints", step, {"model.pt": model.state_dict()}, keep=5)
+        save_model(tmp_path / "checkpoints", step, model.state_dict(), keep=5)
     records = analyze_run(tmp_path)
     assert [r["step"] for r in records] == [10, 20]
     assert "dyn/0/v/update_per" not in records[0]

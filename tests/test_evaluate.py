@@ -7,7 +7,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from trainer import checkpoint
+from tests.checkpoint_files import save_model
 from trainer.config import load_config, save_config
 from trainer.data import PreparedData, eval_batches, prepare
 from trainer.evaluate import (evaluate_checkpoint, load_minimal_pairs, minimal_pair_accuracy, validation_loss,
@@ -122,7 +122,7 @@ def test_evaluate_checkpoint_merges_adapters_and_reports_metrics_keys(tmp_path):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    checkpoint.save(run / "checkpoints", 3, {"model.pt": model.state_dict()}, keep=2)
+    save_model(run / "checkpoints", 3, model.state_dict(), keep=2)
 
     got = evaluate_checkpoint(run, data_dir=data.path, pairs=tmp_path / "pairs.jsonl")
     loss, ppl = validation_loss(model, eval_batches(data, "val", 16, 4, 0, 1, 3), "cpu").values()

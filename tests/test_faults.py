@@ -46,7 +46,7 @@ def test_kill9_at_seeded_points_resumes_exactly(reference, tmp_path, request):
     t0 = time.time()
     for i, trial in enumerate(trials):
         faults.run_trial(trial, tmp_path / f"t{i}", reference[trial.strategy])
-    rows = [f"{i:3d} {t.strategy:10s} {t.point:17s} {t.outcome:8s} resumed@{t.resumed_from} "
+    rows = [f"{i:3d} {t.strategy:10s} {t.point:17s} {'async' if t.background else 'sync':5s} {t.outcome:8s} resumed@{t.resumed_from} "
             f"lost {t.lost_steps} {'exact' if t.exact else 'DIFFERENT'}" for i, t in enumerate(trials)]
     print(f"\nseed {seed}, {len(trials)} trials in {time.time() - t0:.1f}s\n" + "\n".join(rows))
     assert all(t.exact for t in trials), "\n".join(rows)
@@ -58,7 +58,9 @@ def test_each_damaged_checkpoint_file_falls_back_and_resumes_exactly(reference, 
     resume falls back to step 3 and still rebuilds the uninterrupted curve."""
     base = tmp_path / "base"
     faults.run("full", base, "train.stop_at=6")
-    for name in ("model.pt", "optimizer.pt", "trainer.pt", "meta.json"):
+    names = sorted(p.name for p in (base / "checkpoints" / "step_0000006").iterdir())
+    assert names == [".metadata", "__0_0.distcp", "meta.json", "rank_00000.json"]
+    for name in names:
         for damage in ("truncate", "flip", "delete"):
             d = tmp_path / f"{name}-{damage}"
             shutil.copytree(base, d)
@@ -144,11 +146,11 @@ def test_no_usable_checkpoint_refuses_unless_starting_over(reference, tmp_path, 
     d = tmp_path / "r"
     faults.run("full", d, "train.stop_at=4")
     for folder in ckpt.list_checkpoints(d / "checkpoints"):
-        (folder / "model.pt").write_bytes(b"")
+        (folder / "__0_0.distcp").write_bytes(b"")
     before = snapshot(d)
     with pytest.warns(UserWarning, match="unusable"):
         code, err = cli(capsys, *faults.overrides("full", d))
-    assert code == 2 and len(err) == 1 and "none is usable (step_0000003: model.pt checksum mismatch" in err[0], err
+    assert code == 2 and len(err) == 1 and "none is usable (step_0000003: __0_0.distcp checksum mismatch" in err[0], err
     assert "run.resume=false" in err[0] and snapshot(d) == before
     code, err = cli(capsys, *faults.overrides("full", d, "run.resume=false"))
     assert code == 0, err
@@ -168,21 +170,29 @@ def test_latest_with_random_bytes_resumes(reference, tmp_path, capsys):
     assert faults.curve(d) == faults.curve(reference["full"])
 
 
-def test_disk_full_during_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("background", [False, True])
+def test_disk_full_during_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, background):
+    """The disk fills up half-way through step 6's shard (inside DCP's writer), with the save
+    in the foreground or in the background: one line, the temporary folder gone, `latest` kept."""
+    import contextlib
     import errno
 
-    d = tmp_path / "r"
-    real = ckpt._fsync_write
+    from torch.distributed.checkpoint.filesystem import FileSystem
 
-    def write(path, data):  # the disk fills up half-way through step 6's model.pt
-        if path.parent.name == ".tmp-step_0000006" and path.name == "model.pt":
-            path.write_bytes(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(path, data)
-    monkeypatch.setattr(ckpt, "_fsync_write", write)
-    code, err = cli(capsys, *faults.overrides("full", d))
+    d = tmp_path / "r"
+    real = FileSystem.create_stream
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with real(self, path, mode) as stream:
+            if ".tmp-step_0000006" in str(path) and str(path).endswith(".distcp"):
+                stream.write(b"\0" * 100)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            yield stream
+    monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+    code, err = cli(capsys, *faults.overrides("full", d, f"checkpoint.async={str(background).lower()}"))
     assert code == 1 and len(err) == 1, err
-    assert "no space left on the device" in err[0] and "it needs" in err[0] and "still step_0000003" in err[0]
+    assert "no space left on the device" in err[0] and "it needs about" in err[0] and "still step_0000003" in err[0]
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["latest", "step_0000003"]
 
 
@@ -283,6 +293,34 @@ def test_ctrl_c_checkpoints_a_second_stops_at_once_and_early_sigterm_is_clean(tm
         "command to start again"]
 
 
+def test_a_background_save_runs_while_training_goes_on_and_a_stop_waits_for_it(tmp_path):
+    """checkpoint.async, step 3's write held half-way: steps go on while it is in flight, and
+    the folder is not complete (nor `latest`) until the write is; SIGTERM then finishes the
+    step, waits for the write in flight, writes the final checkpoint and exits 85."""
+    d = tmp_path / "r"
+    proc = spawn(d, "train.max_steps=500", "logging.log_every=1", "checkpoint.async=true", "checkpoint.keep=5",
+                 env={"LRPT_TEST_PAUSE": "mid_shard@3"})
+    marker, root = d / "checkpoints" / ".paused", d / "checkpoints"
+    deadline = time.time() + 180
+    while not any(r.get("step", 0) >= 5 for r in RunDir(d).read_raw_metrics() if "loss" in r):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    assert marker.exists()  # the write is still held
+    assert not (root / "step_0000003").exists() and not (root / "latest").exists()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(3)
+    assert proc.poll() is None  # waiting for the write in flight, not exiting over it
+    assert [p.name for p in ckpt.list_checkpoints(root)] == []
+    marker.unlink()  # the write goes on and completes
+    code = proc.wait(timeout=180)
+    err = proc.stderr.read()
+    assert code == 85 and "Traceback" not in err, err
+    (stop,) = [r for r in RunDir(d).read_raw_metrics() if r.get("event") == "preempt"]
+    names = [p.name for p in ckpt.list_checkpoints(root)]
+    assert names[0] == "step_0000003" and names[-1] == ckpt.step_dir_name(stop["step"]), names
+    assert ckpt.find_latest(root).name == names[-1] and not ckpt.unusable(root)
+
+
 # -- two processes: rank 0 killed while it writes a checkpoint -----------------------------------
 
 def launch_pair(run_dir: Path, port: int, *extra: str, env: dict | None = None) -> list[subprocess.Popen]:
@@ -300,31 +338,64 @@ def launch_pair(run_dir: Path, port: int, *extra: str, env: dict | None = None) 
     return out
 
 
-def test_rank_killed_mid_checkpoint_the_other_exits_in_time_and_restart_is_exact(tmp_path):
+# The timeout only bounds a hang: a killed peer's closed socket fails a collective at once. It
+# must outlast rank 0's minimal-pair evaluation at the last step on a loaded machine.
+PAIR = ["train.max_steps=6", "logging.log_every=2", "checkpoint.every=2", "distributed.timeout_s=30"]
+
+
+@pytest.fixture(scope="module")
+def pair_reference(tmp_path_factory):
     from launcher.launch import free_port
 
-    # Checkpoint 3 inside the log window 2-4: the restart's record at 4 carries step 3's bytes.
-    pair = ["train.max_steps=6", "logging.log_every=2", "distributed.timeout_s=10"]
-    ref = launch_pair(tmp_path / "ref", free_port(), *pair)
+    ref = tmp_path_factory.mktemp("pair") / "ref"
+    assert [p.wait(timeout=300) for p in launch_pair(ref, free_port(), *PAIR)] == [0, 0], \
+        (ref.parent / "ref-rank0.log").read_text()[-3000:]
+    return ref
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("point,victim,kept,background", [
+    ("before_rename@6", 0, 4, False),  # rank 0 killed in the last save: marker written, folder not renamed
+    ("mid_shard@4:1", 0, 2, True),  # rank 0 killed while rank 1 writes its shard of 4 in the background
+])
+def test_rank_killed_mid_checkpoint_the_other_exits_in_time_and_restart_is_exact(
+        pair_reference, tmp_path, point, victim, kept, background):
+    """Two ranks, checkpoints at 2, 4 and 6. The survivor exits within the collective timeout
+    (its write, held at the point until the kill, goes on and fails); `latest` stays the
+    previous checkpoint; a restart rebuilds the uninterrupted pair's curve."""
+    from launcher.launch import free_port
+
+    extra = [f"checkpoint.async={str(background).lower()}"]
     run = tmp_path / "run"
-    procs = launch_pair(run, free_port(), *pair, env={"LRPT_TEST_PAUSE": "before_rename@6"})
+    procs = launch_pair(run, free_port(), *PAIR, *extra, env={"LRPT_TEST_PAUSE": point})
     marker = run / "checkpoints" / ".paused"
     deadline = time.time() + 240
     while not marker.exists():
-        assert time.time() < deadline and procs[0].poll() is None, (run.parent / "run-rank0.log").read_text()[-3000:]
+        assert time.time() < deadline and all(p.poll() is None for p in procs), \
+            (run.parent / "run-rank0.log").read_text()[-3000:]
         time.sleep(0.05)
-    procs[0].kill()  # rank 0: meta.json written, the folder not yet renamed
+    procs[victim].kill()
     killed = time.time()
-    code = procs[1].wait(timeout=120)
+    marker.unlink()  # a paused survivor's write goes on, as a real one would
+    code = procs[1 - victim].wait(timeout=120)
     survivor_s = time.time() - killed
-    assert code != 0 and survivor_s < 10 + 20, (code, survivor_s)
-    assert [p.wait(timeout=240) for p in ref] == [0, 0], (tmp_path / "ref-rank0.log").read_text()[-3000:]
-    marker.unlink()
-    assert ckpt.step_of(ckpt.find_latest(run / "checkpoints")) == 3
-    codes = [p.wait(timeout=240) for p in launch_pair(run, free_port(), *pair)]
+    assert code != 0 and survivor_s < 30 + 20, (code, survivor_s)
+    assert ckpt.step_of(ckpt.find_latest(run / "checkpoints")) == kept
+    codes = [p.wait(timeout=240) for p in launch_pair(run, free_port(), *PAIR, *extra)]
     assert codes == [0, 0], (run.parent / "run-rank0.log").read_text()[-3000:]
-    assert faults.curve(run) == faults.curve(tmp_path / "ref")
-    print(f"\nsurvivor exited {survivor_s:.1f}s after rank 0 was killed (timeout_s=10)")
+    assert faults.curve(run) == faults.curve(pair_reference)
+    print(f"\n{point}: the survivor exited {survivor_s:.1f}s after rank {victim} was killed (timeout_s=30)")
+
+
+def test_kill9_during_a_background_write_keeps_the_previous_checkpoint(reference, tmp_path):
+    """checkpoint.async: killed while step 6's shard is half written (training went on
+    meanwhile): `latest` is step 3, complete, and the resume is exact."""
+    d = tmp_path / "r"
+    assert faults.run_killed("relora", d, "mid_shard@6", "checkpoint.async=true") == "killed"
+    assert not (d / "checkpoints" / "step_0000006").exists()
+    assert ckpt.step_of(ckpt.find_latest(d / "checkpoints")) == 3
+    faults.run("relora", d, "checkpoint.async=true")
+    assert faults.curve(d) == faults.curve(reference["relora"])
 
 
 # -- invariants ------------------------------------------------------------------------------------

@@ -5,10 +5,12 @@ import random
 import pytest
 import torch
 
+from tests.checkpoint_files import save_model
 from trainer import checkpoint
 from trainer.config import load_config, save_config
 from trainer.data import PreparedData, prepare
-from trainer.hf import export_hf, load_hf_into, model_args_from_hf
+from trainer.export import export_hf
+from trainer.hf import model_args_from_hf
 from trainer.strategies.lora import merged_state_dict
 from trainer.model import Transformer, model_args
 from trainer.strategies.lora import wrap_linears
@@ -63,7 +65,7 @@ def test_export_with_adapters_loads_in_transformers_with_equal_logits(tmp_path, 
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
-    checkpoint.save(run / "checkpoints", 7, {"model.pt": model.state_dict()}, keep=2)
+    save_model(run / "checkpoints", 7, model.state_dict(), keep=2)
 
     out = export_hf(run, tmp_path / "hf", data_dir=data_dir)
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {
@@ -95,10 +97,10 @@ def test_transformers_checkpoint_loads_into_our_model(tmp_path, fmt, tied):
         sd = {k: v for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
         torch.save(sd, tmp_path / "pytorch_model.bin")
 
-    args = model_args_from_hf(tmp_path, max_seq_len=32)
+    args, state = checkpoint.initial_weights(tmp_path, 32)  # what model.init_from reads
     assert (args.num_kv_heads, args.rope_theta, args.norm_eps, args.max_seq_len) == (2, 500.0, 1e-5, 32)
     ours = Transformer(args)
-    load_hf_into(ours, tmp_path)
+    ours.load_state_dict(state)
     ids = torch.randint(0, 70, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)

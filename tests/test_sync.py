@@ -131,8 +131,10 @@ def test_every_rank_draws_its_own_dropout(diloco_runs):
     """The global streams (LoRA dropout) are seeded per rank: two workers with the same masks
     would see less noise than the run claims."""
     import torch
+
+    from trainer import checkpoint as ckpt
     _, part = diloco_runs
-    rng = torch.load(part / "checkpoints" / "step_0000006" / "trainer.pt", weights_only=False)["rng"]
+    rng = [o["rng"] for o in ckpt.read(part / "checkpoints" / "step_0000006", parts=("own",))["own"]]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 

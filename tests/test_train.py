@@ -56,8 +56,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     run_dir = run(tmp_path, "c", "train.max_steps=8", "checkpoint.every=3", "train.stop_at=6")
     newest = ckpt.find_latest(run_dir / "checkpoints")
     assert newest.name == "step_0000006"
-    data = (newest / "model.pt").read_bytes()
-    (newest / "model.pt").write_bytes(data[:100])
+    data = (newest / "__0_0.distcp").read_bytes()
+    (newest / "__0_0.distcp").write_bytes(data[:100])
     with pytest.warns(UserWarning, match="falling back"):
         run(tmp_path, "c", "train.max_steps=8", "checkpoint.every=3")
     steps = [r["step"] for r in records(run_dir) if "loss" in r]

@@ -40,7 +40,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    init_from: str = ""  # a Hugging Face Llama checkpoint directory to continue pretraining from
+    init_from: str = ""  # weights to continue pretraining from: a Hugging Face Llama directory, or a run directory or checkpoint of ours
 
 
 @dataclass

@@ -230,12 +230,12 @@ def analyze_run(run_dir: str | Path, *, kinds=DEFAULT_KINDS, layers=None, **svd)
     `run_dir/dynamics.jsonl`. Updates span consecutive checkpoints (`update_from` says from
     which step); checkpoints hold no gradients. Retention (`checkpoint.keep`) bounds what is
     left to analyse: the in-loop tracker sees every interval."""
-    from trainer.checkpoint import complete_checkpoints, step_of
+    from trainer.checkpoint import complete_checkpoints, model_state, step_of
     from trainer.rundir import RunDir
 
     records, previous, previous_step = [], None, None
     for ckpt in complete_checkpoints(run_dir):
-        sd = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+        sd = model_state(ckpt)  # either format; no code runs
         with torch.no_grad():
             parts = _layer_parts(sd, kinds, layers)
             rec = {"step": step_of(ckpt), **({"update_from": previous_step} if previous is not None else {}),

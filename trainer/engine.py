@@ -274,7 +274,56 @@ class Engine:
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
-    # -- whole-optimizer state, world-size independent (checkpoints) -----------------------
+    # -- what this rank holds, in place (sharded checkpoints) ------------------------------
+    def fragment(self, p: nn.Parameter) -> int | None:
+        """Where this rank's share of `p` starts in its flattened value when ZeRO-1/2
+        partitions p's fp32 master and optimizer state (the share may be empty); None when
+        this rank holds all of p (DDP, frozen parameters). Not for ZeRO-3."""
+        self._no_zero3()
+        if not self.is_managed(p):
+            return None
+        frag = getattr(p, "_hp_mapping", None)  # None: this rank owns no element of p
+        return 0 if frag is None else frag.lp_fragment_address.start
+
+    @torch.no_grad()
+    def master_part(self, p: nn.Parameter) -> torch.Tensor:
+        """A 1-D view of the fp32 master elements of `p` this rank holds (see `fragment`):
+        written to in place, it changes the master."""
+        self._no_zero3()
+        if not self.is_managed(p):
+            return p.detach().view(-1)
+        frag = getattr(p, "_hp_mapping", None)
+        return torch.empty(0, dtype=torch.float32, device=p.device) if frag is None else frag.hp_fragment.view(-1)
+
+    @torch.no_grad()
+    def state_parts(self, p: nn.Parameter, create: bool = False) -> dict[str, torch.Tensor]:
+        """p's optimizer state as this rank holds it, in place: each per-element key as a 1-D
+        view of the elements `master_part` covers; a scalar key (torch AdamW's `step`, one per
+        flat group under DeepSpeed) as a 0-dim tensor to read, never to write (write_state
+        does). `create` makes state that does not exist yet, as the first step would."""
+        self._no_zero3()
+        if self.is_managed(p):
+            self._ensure_ds_state()
+            frag = getattr(p, "_hp_mapping", None)
+            out = {}
+            for key in self.state_keys(p):
+                shared = self._shared_scalar(p, key)
+                if shared is not None:
+                    out[key] = shared
+                else:
+                    out[key] = (frag.get_optim_state_fragment(key).view(-1) if frag is not None else
+                                torch.empty(0, dtype=torch.float32, device=p.device))
+            return out
+        if create:
+            _init_state(self.torch_optimizer, [p])
+        state = self.torch_optimizer.state.get(p, {})
+        return {k: v if v.dim() == 0 else v.view(-1) for k, v in state.items() if torch.is_tensor(v)}
+
+    def _no_zero3(self) -> None:
+        if self.zero_stage == 3:
+            raise NotImplementedError("ZeRO-3 partitions parameters in place: read them through read_param")
+
+    # -- whole-optimizer state, world-size independent -------------------------------------
     def optimizer_state_dict(self) -> dict:
         """{param_name: {key: full tensor}}: the same on every rank and for any world size.
         Under DeepSpeed every rank must call this (the gathers are collectives)."""

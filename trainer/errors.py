@@ -43,7 +43,15 @@ class RunDirError(RuntimeError):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (disk full, read-only); the previous one stays latest."""
+    """A checkpoint could not be written (disk full, read-only; the previous one stays latest),
+    or a file was refused unread (its pickle would run code)."""
+
+
+def refused_pickle(path, e: Exception) -> CheckpointError:
+    """One line for a file that torch.load(weights_only=True) refused: which global it names."""
+    lines = str(e).splitlines()
+    why = next((x.strip() for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0] if lines else "")
+    return CheckpointError(f"refusing to load {path}: its pickle is not plain data ({why})")
 
 
 class Preempted(Exception):

@@ -1,5 +1,6 @@
-"""Hugging Face Llama conversion: export a checkpoint (adapters merged), import one to
-continue pretraining from.
+"""Hugging Face Llama conversion: a model to a Llama directory (export), and a Llama directory
+to our shape and weights (import, to continue pretraining from). Format only: reading our own
+checkpoints is trainer/checkpoint's job (trainer/export.py joins the two).
 
 Our module names are Hugging Face Llama's minus the `model.` prefix and our RoPE uses the
 same rotate-half layout, so conversion is a rename: no weight is permuted.
@@ -7,17 +8,14 @@ same rotate-half layout, so conversion is a rename: no weight is permuted.
 from __future__ import annotations
 
 import json
-import logging
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import load_model, step_of
-from trainer.model import ModelArgs, Transformer
-from trainer.strategies.lora import ADAPTER_KEYS
-
-log = logging.getLogger(__name__)
+from trainer.errors import refused_pickle
+from trainer.shapes import ModelArgs
 
 # ---------------------------------------------------------------------------------------------
 # Export
@@ -52,29 +50,13 @@ def hf_config(args: ModelArgs, eos_id: int | None) -> dict:
     }
 
 
-def _tokenizer_source(cfg, data_dir):
-    """The run's prepared dataset (or `data_dir`), whose tokenizer ships with the export."""
-    from trainer.data import PreparedData, resolve_dataset
-
-    try:
-        return PreparedData(Path(data_dir) if data_dir else resolve_dataset(cfg.data))
-    except Exception as e:
-        if data_dir:
-            raise
-        # The weights are still worth exporting when the run's dataset is gone.
-        log.warning("export: no tokenizer (%s); writing weights and config only", e)
-        return None
-
-
-def export_hf(path: str | Path, out_dir: str | Path, *, data_dir: str | Path | None = None) -> Path:
-    """Write a run's latest (or the given) checkpoint, adapters merged, as a Hugging Face
-    Llama directory loadable offline by AutoModelForCausalLM / AutoTokenizer."""
+def write_hf(model, out_dir: str | Path, data=None) -> Path:
+    """Write `model` (a plain Transformer, adapters merged) as a Hugging Face Llama directory
+    loadable offline by AutoModelForCausalLM, with `data`'s tokenizer (a PreparedData) if given."""
     from safetensors.torch import save_file
 
-    model, cfg, ckpt = load_model(path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = _tokenizer_source(cfg, data_dir)
     tensors = {_to_hf_name(k): v.detach().float().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.args, data.eos_id if data else None), indent=2))
@@ -89,7 +71,6 @@ def export_hf(path: str | Path, out_dir: str | Path, *, data_dir: str | Path | N
             "model_max_length": model.args.max_seq_len,
             "clean_up_tokenization_spaces": False,
         }, indent=2))
-    log.info("exported %s (step %d) to %s", ckpt, step_of(ckpt), out)
     return out
 
 
@@ -99,6 +80,10 @@ def _to_hf_name(key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Import: start training from a Hugging Face Llama checkpoint
+
+def is_hf_dir(path: str | Path) -> bool:
+    return Path(path, "config.json").is_file()
+
 
 def model_args_from_hf(hf_dir: str | Path, max_seq_len: int | None = None) -> ModelArgs:
     """ModelArgs from a Llama config.json. `max_seq_len` replaces max_position_embeddings,
@@ -140,18 +125,11 @@ def read_hf_state_dict(hf_dir: str | Path) -> dict:
         if not files:
             raise FileNotFoundError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin")
         for f in files:
-            raw.update(torch.load(f, map_location="cpu", weights_only=True))
+            try:  # tensors only: a pickle naming anything else is refused, never run
+                raw.update(torch.load(f, map_location="cpu", weights_only=True))
+            except pickle.UnpicklingError as e:
+                raise refused_pickle(f, e) from None
     sd = {k.removeprefix("model."): v for k, v in raw.items() if "rotary_emb" not in k}
     if "lm_head.weight" not in sd:  # a tied checkpoint: our head is untied, so it starts as a copy
         sd["lm_head.weight"] = sd["embed_tokens.weight"].clone()
     return sd
-
-
-def load_hf_into(model: Transformer, hf_dir: str | Path) -> None:
-    """Copy a Hugging Face Llama checkpoint's weights into `model` (plain or adapter-wrapped:
-    adapters keep their own initialisation, frozen W takes the checkpoint's values)."""
-    missing, unexpected = model.load_state_dict(read_hf_state_dict(hf_dir), strict=False)
-    missing = [k for k in missing if k.rpartition(".")[2] not in ADAPTER_KEYS]
-    if missing or unexpected:
-        raise ValueError(f"{hf_dir}: checkpoint does not fit the model; missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")

@@ -6,7 +6,7 @@
 The loop knows no strategy by name and no engine by name: the strategy plugin decides what
 trains and edits weights between steps; Accelerate (DDP or DeepSpeed) moves the gradients;
 the engine adapter hides where the master weights live. The Trainer is itself checkpointable
-(`state_dict` / `load_state_dict`); checkpoint.py does the file I/O.
+(`state_dict` / `load_state_dict`); trainer/checkpoint does the file I/O.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from trainer.config import Config
 from trainer.data import PreparedData, BatchLoader, resolve_dataset
 from trainer.distributed import CommHook, build_accelerator, check_consistency, prepare
 from trainer.engine import Engine
-from trainer.errors import EXIT_PREEMPTED, CheckpointError, NonFiniteLoss, Preempted, RunDirError
+from trainer.errors import EXIT_PREEMPTED, NonFiniteLoss, Preempted, RunDirError
 from trainer.evaluate import minimal_pairs_record, validation_batches, validation_loss
 from trainer.model import build_model
 from trainer.ranks import all_reduce_sum, broadcast_str, say
@@ -84,7 +84,8 @@ class Trainer:
         with acc.main_process_first():  # rank 0 builds the embedded corpus, the others reuse it
             self.data = PreparedData(resolve_dataset(cfg.data))
         seeding.seed_globals(cfg.train.seed)  # the initial weights: the same on every rank
-        self.args, module = build_model(cfg, self.data.vocab_size)
+        init = ckpt.initial_weights(cfg.model.init_from, cfg.data.seq_len) if cfg.model.init_from else None
+        self.args, module = build_model(cfg, self.data.vocab_size, init)
         self.strategy = build_strategy(cfg.strategy, cfg.train.seed)
 
         name = f"{cfg.strategy.name}-{cfg.model.name}"
@@ -117,8 +118,10 @@ class Trainer:
         seeding.seed_rank(cfg.train.seed, self.rank)
         self.state = TrainState()
         self.resumed_metrics_offset = 0  # a start over redoes every record already there
+        self.saver = ckpt.Checkpointer(self.run.checkpoints, cfg.checkpoint.keep, cfg.checkpoint.async_, self.rank,
+                                       self.world, cfg.distributed.timeout_s)
         if resume_from is not None:
-            self.load_state_dict(ckpt.read(resume_from))
+            ckpt.load(self, resume_from, self.saver.group)
             say(acc, f"resumed from {resume_from} at step {self.state.step}")
         if opened["changed"]:
             say(acc, "resuming with changed settings: " + ", ".join(
@@ -191,32 +194,16 @@ class Trainer:
         c = self.cfg
         return c.data.batch_size * c.data.seq_len * c.train.grad_accum * self.world
 
-    # -- checkpointable (checkpoint.py assembles and restores the state) ------------------------
+    # -- checkpointable (trainer/checkpoint assembles, writes and restores the state) -------------
     def state_dict(self) -> dict:
-        """{checkpoint file name: object}. Every rank must call it: under DeepSpeed the full
-        optimizer state and fp32 masters are gathered, and each rank's own state is collected."""
+        """This rank's share of the state ({"model", "optimizer", "trainer", "own"}, in place:
+        see trainer/checkpoint/state.py). Every rank calls it; nothing is gathered."""
         return ckpt.capture(self)
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state_dict()`'s output, on any world size (the dropout streams and a
-        rank's own state continue exactly only on the same one)."""
+        """Continue from a checkpoint read into `ckpt.destination(self)`, on any world size
+        (the dropout streams and a rank's own state continue exactly only on the same one)."""
         ckpt.restore(self, state)
-
-    def save_checkpoint(self) -> None:
-        state = self.state_dict()
-        failure = None
-        if self.accelerator.is_main_process:
-            try:
-                ckpt.save(self.run.checkpoints, self.state.step, state, self.cfg.checkpoint.keep)
-            except CheckpointError as e:
-                failure = e
-        # Also the barrier: every rank learns that the write failed (disk full, read-only) and
-        # stops with the same line, instead of waiting for rank 0 until the timeout.
-        problem = broadcast_str(str(failure or ""))
-        if failure is not None:
-            raise failure
-        if problem:
-            raise CheckpointError(problem)
 
     # -- one optimizer step ------------------------------------------------------------------
     def _set_lr(self, step: int) -> float:
@@ -299,10 +286,14 @@ class Trainer:
             st.tokens += self.tokens_per_step
             # One tiny all-reduce per step: the global mean loss, and whether any rank saw a
             # preemption signal or a non-finite loss, so that all ranks stop together.
+            # It also carries each rank's "my checkpoint write is done" (checkpoint.async), so a
+            # save in flight completes on every rank at the same step with no collective of its own.
             bad = ~torch.isfinite(loss)
-            loss_sum, n_stop, n_bad = all_reduce_sum(
-                [torch.where(bad, 0.0, loss), float(stop.raised), bad], acc.device)
+            loss_sum, n_stop, n_bad, n_saved, n_save_failed = all_reduce_sum(
+                [torch.where(bad, 0.0, loss), float(stop.raised), bad, *self.saver.flags()], acc.device)
+            self.saver.settle(n_saved, n_save_failed)
             if n_bad:
+                self.saver.wait()  # a save in flight is of a good step: let it complete
                 last = ckpt.find_latest(self.run.checkpoints)
                 raise NonFiniteLoss(f"loss became {loss.item()} at step {st.step} (lr {lr:.3g}); stopped without saving. "
                                     f"Last good checkpoint: {last or 'none'}. Lower optimizer.lr or raise "
@@ -373,7 +364,8 @@ class Trainer:
             stopping = preempted or st.step == cfg.train.stop_at
             if st.step % cfg.checkpoint.every == 0 or last or stopping:
                 st.window_loss, st.window_steps, st.window_sync_bytes = window_loss, window_steps, self.comm.pending("sync")
-                self.save_checkpoint()
+                # The last one (the end, a stop) is complete before the run says it is done.
+                self.saver.save(self.state_dict(), st.step, final=last or stopping)
                 st.window_sync_bytes = 0  # this process's ledger still holds them
             if stopping:
                 if bar is not None:

@@ -177,20 +177,21 @@ def configure_optimizer_groups(named_params, weight_decay: float) -> list[dict]:
 
 
 
-def build_model(cfg, tokenizer_vocab: int) -> tuple[ModelArgs, Transformer]:
+def build_model(cfg, tokenizer_vocab: int, init=None) -> tuple[ModelArgs, Transformer]:
     """The shape and the module a run's config asks for: a named size with the tokenizer's
-    vocabulary, or (model.init_from) a Hugging Face Llama checkpoint's shape and weights, for
-    continued pretraining. Initial weights come from the global generator: seed it first."""
-    if cfg.model.init_from:
-        from trainer.hf import load_hf_into, model_args_from_hf
-        args = model_args_from_hf(cfg.model.init_from, max_seq_len=cfg.data.seq_len)
-    else:
-        args = model_args(cfg.model, cfg.data.seq_len, tokenizer_vocab)
+    vocabulary, or `init`'s (ModelArgs, state dict): the weights to continue pretraining from
+    (model.init_from, read by trainer/checkpoint). Initial weights come from the global
+    generator: seed it first."""
+    from trainer.errors import ConfigError
+
+    args = init[0] if init is not None else model_args(cfg.model, cfg.data.seq_len, tokenizer_vocab)
     if args.vocab_size < tokenizer_vocab:
-        from trainer.errors import ConfigError
         raise ConfigError(f"model.vocab_size={args.vocab_size}: expected at least the tokenizer's "
                           f"vocabulary ({tokenizer_vocab}), or 0 to take it from the tokenizer")
     module = Transformer(args)
-    if cfg.model.init_from:
-        load_hf_into(module, cfg.model.init_from)
+    if init is not None:
+        missing, unexpected = module.load_state_dict(init[1], strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"model.init_from={cfg.model.init_from}: its weights do not fit the model; "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return args, module

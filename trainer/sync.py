@@ -41,6 +41,8 @@ class EveryStep:
     name = "every_step"
     local_steps = False  # ranks are identical after every step
 
+    first_worker = True  # every rank holds the state a checkpoint keeps
+
     def __init__(self, top: topology.Topology | None = None):
         self.data_parallel = (top or topology.current()).world_group  # what the engine syncs over
 
@@ -93,6 +95,12 @@ class DiLoCo:
         if workers == 1 and self.top.world > 1:
             line += " (one worker: data-parallel every step, the outer step local; diloco_worker=process for more)"
         return line
+
+    @property
+    def first_worker(self) -> bool:
+        """This rank is in the first worker (node 0, or rank 0): a checkpoint takes the state
+        that workers hold differently (weights, inner optimizer, anchor slices) from it."""
+        return self.outer.ranks[0] == self.top.rank
 
     # -- the flat layout ---------------------------------------------------------------------
     @property
