@@ -35,7 +35,8 @@ backward (activations, the head's peak) and the end of backward to the optimizer
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -95,7 +96,9 @@ def planned_model(cfg, args, step: int):
     from trainer.strategies.lora import LoRALinear
 
     strategy = build_strategy(cfg.strategy, cfg.train.seed)
-    with torch.device("meta"):
+    # Meta tensors hold no values to initialise, and torch runs nn.init.normal_ on them through
+    # its Python reference, which imports torch._dynamo (3 s of a plan's 4 on an idle machine).
+    with torch.device("meta"), mock.patch.object(nn.init, "normal_", lambda t, *a, **k: t):
         model = Transformer(args)
         groups = strategy.apply(model, cfg.optimizer.weight_decay, step)
         if cfg.strategy.frozen_dtype == "bf16":
@@ -181,8 +184,13 @@ def model_state(model, groups, strategy, cfg, layout: Layout) -> dict:
         parts = [zero_partition(sum(p.numel() for p in g["params"]), n) for g in groups]
         out.update(master_weights=4 * sum(parts), gradients=4 * sum(parts),
                    optimizer_states=sum(per_elem * k + fixed for k in parts))
-    elif layout.kind == "zero3":  # approximate: every parameter partitioned, one state per group
-        out.update(frozen_weights=out["frozen_weights"] // n, trainable_weights=out["trainable_weights"] // n,
+    elif layout.kind == "zero3":  # approximate (not measured): parameters partitioned, small ones whole
+        keep = int(layout.ds["zero_optimization"].get("stage3_param_persistence_threshold", 1e5))
+
+        def share(p):
+            return nbytes(p) if p.numel() <= keep else math.ceil(p.numel() / n) * p.element_size()
+        out.update(frozen_weights=sum(share(p) for p in params if not p.requires_grad),
+                   trainable_weights=sum(share(p) for p in trainable),
                    master_weights=4 * math.ceil(t_numel / n), gradients=4 * math.ceil(t_numel / n),
                    optimizer_states=per_elem * math.ceil(t_numel / n) + fixed * len(groups))
     else:
@@ -200,8 +208,9 @@ def model_state(model, groups, strategy, cfg, layout: Layout) -> dict:
         if layout.device == "cpu":  # pages of the bucket that are never written cost no RAM
             bucket = min(bucket, t_numel)
         out["_ipg"] = 4 * bucket if z.get("contiguous_gradients", True) else 0
-        if layout.kind == "zero3":
-            out["_held"] = 4 * int(z.get("stage3_prefetch_bucket_size", 5e7))
+        if layout.kind == "zero3":  # the prefetch bucket and the block gathered whole
+            block = max(sum(nbytes(p) for p in b.parameters()) for b in model.layers)
+            out["_held"] = 4 * int(z.get("stage3_prefetch_bucket_size", 5e7)) + block
         else:  # ZeRO-1 holds every gradient until its step, ZeRO-2 those of its partition
             out["_in_part"] = 4 * _in_partition(groups, n)
             out["_held"] = 4 * t_numel if layout.kind == "zero1" else out["_in_part"]
@@ -325,14 +334,19 @@ def _total(b: dict, kind: str) -> int:
     return persistent + b["comm_buffers"] + max(start, b["gradients"])
 
 
-def plan(cfg, args, nodes: int = 1, gpus_per_node: int = 1) -> dict:
+def plan(cfg, args, nodes: int = 1, gpus_per_node: int = 1, cache: dict | None = None) -> dict:
     """The memory plan of one rank of `cfg` on nodes x gpus_per_node processes, for the model
     `args`. One entry in `phases` per trainable set (ReLoRA's warm start is full rank); the
-    top level is the phase that needs the most."""
+    top level is the phase that needs the most. `cache` keeps built models between calls
+    that differ only in engine, batch or checkpointing (a search for a change that fits)."""
     layout = layout_of(cfg, nodes, gpus_per_node)
+    cache = {} if cache is None else cache
     phases = []
     for step in sorted({0, cfg.strategy.warm_start_steps}):
-        model, groups, strategy = planned_model(cfg, args, step)
+        key = (repr(args), repr(cfg.strategy), repr(cfg.optimizer), cfg.train.seed, step)
+        if key not in cache:
+            cache[key] = planned_model(cfg, args, step)
+        model, groups, strategy = cache[key]
         b = model_state(model, groups, strategy, cfg, layout)
         b.update(activation_bytes(model, layout, cfg.data.batch_size, cfg.data.seq_len,
                                   cfg.train.activation_checkpointing))
@@ -341,7 +355,8 @@ def plan(cfg, args, nodes: int = 1, gpus_per_node: int = 1) -> dict:
         if not phases or phase["bytes"] != phases[-1]["bytes"]:
             phases.append(phase)
     top = max(phases, key=lambda p: p["total_bytes"])
-    return dict(engine=layout.kind, world_size=nodes * gpus_per_node, data_parallel=layout.dp,
+    return dict(params=sum(p.numel() for p in model.parameters()),
+                engine=layout.kind, world_size=nodes * gpus_per_node, data_parallel=layout.dp,
                 device=layout.device, precision="bf16 autocast" if layout.autocast else "fp32",
                 micro_batch=cfg.data.batch_size, seq_len=cfg.data.seq_len,
                 activation_checkpointing=cfg.train.activation_checkpointing,
