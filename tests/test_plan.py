@@ -259,3 +259,21 @@ def test_sizes():
     assert parse_size("80GiB") == parse_size("80G") == 80 * 2**30
     assert parse_size("40GB") == 40 * 10**9 and parse_size("81920MiB") == 80 * 2**30
     assert parse_size("1.5 TiB") == int(1.5 * 2**40) and parse_size("4096") == 4096
+
+
+def test_gpu_check_plans_its_cases_and_runs_one_on_a_cpu(lrpt_cache):
+    """benchmarks/plan_gpu.py (run by benchmarks/gpu.sh when a GPU is lent): the dry run plans
+    its eight cases; one case goes through the whole measuring path on a CPU, where its
+    model-state bytes must equal the plan's (the peak is the GPU's to measure)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LRPT_CACHE": str(lrpt_cache)}
+    script = [sys.executable, "benchmarks/plan_gpu.py"]
+    dry = subprocess.run([*script, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    rows = [line.split() for line in dry.stdout.splitlines()[1:]]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        (m, s, e) for m in ("llama-350m", "llama-1b") for s in ("full", "relora") for e in ("none", "zero2"))
+    run = subprocess.run([*script, "--models", "micro", "--device", "cpu", "--steps", "2", "--strategies", "relora",
+                          "--engines", "none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.splitlines()[-1].split()[:3] == ["micro", "relora", "none"]
+    assert run.stdout.rstrip().endswith("= plan") and "n/a" in run.stdout

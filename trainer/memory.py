@@ -10,8 +10,8 @@ Categories (bytes per rank; * = measured in runs):
   trainable_weights*  parameters that train: fp32 (the module copy; under ZeRO-1/2 DeepSpeed's
                       flat buffer, whose module tensors are views into it)
   fused_copies*       rows of a fused [W; A] buffer (strategies/lora.py) that no parameter
-                      views: A's rows where ZeRO flattened A or W is bf16, W's rows where ZeRO
-                      flattened a trainable W (ReLoRA's warm start, on a CPU)
+                      views: A's rows where ZeRO flattened A or W is bf16; during ReLoRA's warm
+                      start on a CPU, the rows of parameters ZeRO flattened or prepare moved
   master_weights*     ZeRO's fp32 partitions (DDP: none, the fp32 module is the master)
   gradients*          the gradients the optimizer steps on: every trainable gradient (DDP), the
                       flat fp32 partition (ZeRO-1/2)
@@ -68,6 +68,7 @@ class Layout:
     ds: dict | None = None  # the DeepSpeed config the run would use
     diloco: str | None = None
     gpus_per_node: int = 1
+    world: int = 1  # processes in the job
 
 
 def layout_of(cfg, nodes: int = 1, gpus_per_node: int = 1) -> Layout:
@@ -82,7 +83,8 @@ def layout_of(cfg, nodes: int = 1, gpus_per_node: int = 1) -> Layout:
     group = 1 if diloco == "process" else gpus_per_node if diloco == "node" else nodes * gpus_per_node
     kind = d.deepspeed if d.deepspeed != "none" else ("ddp" if group > 1 else "none")
     ds = deepspeed_config(cfg, device) if kind in ZERO else None
-    return Layout(kind, group, device, mixed_precision(cfg, device) == "bf16", ds, diloco, gpus_per_node)
+    return Layout(kind, group, device, mixed_precision(cfg, device) == "bf16", ds, diloco, gpus_per_node,
+                  nodes * gpus_per_node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +153,9 @@ def _in_partition(groups, dp: int) -> int:
 def _fused_copies(model, layout: Layout) -> int:
     from trainer.strategies.lora import LoRALinear
 
+    # Accelerate moves the module to its device at prepare: to a GPU, or on a CPU in a
+    # multi-process job without DeepSpeed to "cpu:0", which copies every parameter too.
+    moved = layout.world > 1 and layout.kind not in ZERO
     out = 0
     for m in model.modules():
         if not isinstance(m, LoRALinear):
@@ -158,10 +163,11 @@ def _fused_copies(model, layout: Layout) -> int:
         W, A = m.weight, m.lora_A
         row = m.in_features * W.element_size()
         if W.requires_grad:
-            # The [W; A] buffer from construction stays as it was; ZeRO flattens W out of it.
-            # On a GPU it stayed behind in host memory when the module moved.
-            if layout.device == "cpu" and layout.kind in ZERO:
-                out += m.out_features * row
+            # A trainable W takes the plain path, and its [W; A] buffer from construction is
+            # never rebuilt: it keeps W's rows where ZeRO flattened W, both where the module
+            # moved. On a GPU it stayed behind in host memory.
+            if layout.device == "cpu":
+                out += (m.out_features if moved or layout.kind in ZERO else 0) * row + (m.rank * row if moved else 0)
         elif layout.kind != "zero3" and ((A.requires_grad and layout.kind in ZERO) or A.dtype != W.dtype):
             out += m.rank * row  # A lives elsewhere (ZeRO's flat buffer, or fp32 beside a bf16 W)
     return out
