@@ -55,13 +55,13 @@ def case(over: list[str], run_dir: str, steps: int) -> dict:
     return {"peak": peak, "mem": mem}
 
 
-def planned(over: list[str]) -> dict:
+def planned(over: list[str], cache: dict) -> dict:
     from trainer import memory
     from trainer.config import load_config
     from trainer.shapes import model_args
 
     cfg = load_config(None, over)
-    return memory.plan(cfg, model_args(cfg.model, cfg.data.seq_len, 32000))
+    return memory.plan(cfg, model_args(cfg.model, cfg.data.seq_len, 32000), cache=cache)
 
 
 def main() -> int:
@@ -82,7 +82,8 @@ def main() -> int:
     warnings.filterwarnings("ignore")  # config notes (ReLoRA merging nothing in 3 steps) are expected here
 
     cases = [(m, s, e) for m in a.models for s in a.strategies for e in a.engines]
-    plans = {c: planned(overrides(*c, a.steps, a.device)) for c in cases}
+    cache: dict = {}  # a model built once serves both engines
+    plans = {c: planned(overrides(*c, a.steps, a.device), cache) for c in cases}
     if a.dry_run:
         print(f"{'model':11s} {'strategy':8s} {'engine':6s} {'plan GiB':>9s}  largest categories")
         for c, p in plans.items():

@@ -142,9 +142,11 @@ def format_plan(r: dict) -> str:
     if len(r["phases"]) > 1:  # ReLoRA's warm start trains full rank: its own total
         lines += [f"  from step {p['from_step']}: total {gib(p['total_bytes']).strip()}, trainable "
                   f"{gib(p['bytes']['trainable_weights']).strip()}" for p in r["phases"]]
+    host = {"candidate_store": "SwitchLoRA's candidate store up to",
+            "host_fused_copies": "[W; A] buffers left behind by the move to the GPU"}
     for k, v in r["host_bytes"].items():
         if v:
-            lines.append(f"host memory per process: SwitchLoRA candidate store up to {gib(v).strip()}")
+            lines.append(f"host memory per process: {host[k]} {gib(v).strip()}")
     if not r["fits"]:
         if r["change"]:
             lines.append(f"smallest change that fits: {' '.join(r['change'])} (total {gib(r['change_total_bytes']).strip()})")

@@ -261,6 +261,7 @@ def test_sizes():
     assert parse_size("1.5 TiB") == int(1.5 * 2**40) and parse_size("4096") == 4096
 
 
+@pytest.mark.timeout(900)  # three interpreters and a training process on a shared 2-core machine
 def test_gpu_check_plans_its_cases_and_runs_one_on_a_cpu(lrpt_cache):
     """benchmarks/plan_gpu.py (run by benchmarks/gpu.sh when a GPU is lent): the dry run plans
     its eight cases; one case goes through the whole measuring path on a CPU, where its

@@ -27,6 +27,8 @@ Categories (bytes per rank; * = measured in runs):
                       (Korthikanti et al. per-layer terms for SDPA, SwiGLU and our fused layer)
   logits_and_loss     the head's peak: log-softmax output, its gradient and the loss's (fp32)
   candidate_store     host memory, not the GPU's: SwitchLoRA's switched-out vectors, at their bound
+  host_fused_copies   host memory: the [W; A] buffers that stay behind when the module moves to
+                      the GPU and the plain path never rebuilds them (warm start, ZeRO-3)
 
 Total: the persistent states plus the larger of two moments of a step, the start of
 backward (activations, the head's peak) and the end of backward to the optimizer step
@@ -44,7 +46,7 @@ import torch.nn as nn
 MEASURED = ("frozen_weights", "trainable_weights", "fused_copies", "master_weights", "gradients",
             "optimizer_states")
 CATEGORIES = MEASURED + ("comm_buffers", "diloco_state", "weight_casts", "activations", "logits_and_loss")
-HOST = ("candidate_store",)
+HOST = ("candidate_store", "host_fused_copies")
 ZERO = ("zero1", "zero2", "zero3")
 CUDA_RESERVE = 1 << 30  # the CUDA context and library workspaces, outside max_memory_allocated
 
@@ -150,27 +152,30 @@ def _in_partition(groups, dp: int) -> int:
     return max(held)
 
 
-def _fused_copies(model, layout: Layout) -> int:
+def _fused_copies(model, layout: Layout) -> tuple[int, int]:
+    """(device bytes, host bytes) of [W; A] rows that no parameter views."""
     from trainer.strategies.lora import LoRALinear
 
     # Accelerate moves the module to its device at prepare: to a GPU, or on a CPU in a
     # multi-process job without DeepSpeed to "cpu:0", which copies every parameter too.
     moved = layout.world > 1 and layout.kind not in ZERO
-    out = 0
+    device = host = 0
     for m in model.modules():
         if not isinstance(m, LoRALinear):
             continue
         W, A = m.weight, m.lora_A
         row = m.in_features * W.element_size()
-        if W.requires_grad:
-            # A trainable W takes the plain path, and its [W; A] buffer from construction is
-            # never rebuilt: it keeps W's rows where ZeRO flattened W, both where the module
-            # moved. On a GPU it stayed behind in host memory.
-            if layout.device == "cpu":
-                out += (m.out_features if moved or layout.kind in ZERO else 0) * row + (m.rank * row if moved else 0)
-        elif layout.kind != "zero3" and ((A.requires_grad and layout.kind in ZERO) or A.dtype != W.dtype):
-            out += m.rank * row  # A lives elsewhere (ZeRO's flat buffer, or fp32 beside a bf16 W)
-    return out
+        if W.requires_grad or layout.kind == "zero3":
+            # The plain path (a trainable W, ReLoRA's warm start; W partitioned by ZeRO-3):
+            # the [W; A] buffer from construction is never rebuilt. On a GPU it stays behind in
+            # host memory, whole; on a CPU it keeps the rows of what ZeRO flattened or prepare moved.
+            if layout.device == "cuda":
+                host += (m.out_features + m.rank) * row
+            else:
+                device += (m.out_features if moved or layout.kind in ZERO else 0) * row + (m.rank * row if moved else 0)
+        elif (A.requires_grad and layout.kind in ZERO) or A.dtype != W.dtype:
+            device += m.rank * row  # A lives elsewhere (ZeRO's flat buffer, or fp32 beside a bf16 W)
+    return device, host
 
 
 def model_state(model, groups, strategy, cfg, layout: Layout) -> dict:
@@ -183,8 +188,9 @@ def model_state(model, groups, strategy, cfg, layout: Layout) -> dict:
     t_numel = sum(p.numel() for p in trainable)
     per_elem, fixed = optimizer_layout(strategy, cfg.optimizer)
     out = dict(frozen_weights=sum(nbytes(p) for p in params if not p.requires_grad),
-               trainable_weights=sum(nbytes(p) for p in trainable), fused_copies=_fused_copies(model, layout),
+               trainable_weights=sum(nbytes(p) for p in trainable),
                master_weights=0, comm_buffers=0, diloco_state=0, _ipg=0, _held=0, _in_part=0)
+    out["fused_copies"], out["host_fused_copies"] = _fused_copies(model, layout)
     n = layout.dp
     if layout.kind in ("zero1", "zero2"):
         parts = [zero_partition(sum(p.numel() for p in g["params"]), n) for g in groups]
