@@ -127,7 +127,8 @@ LABELS = {"frozen_weights": "frozen weights", "trainable_weights": "trainable we
 
 
 def format_plan(r: dict) -> str:
-    engine = {"none": "one process, no data-parallel wrapper", "ddp": "DDP"}.get(r["engine"], r["engine"].upper())
+    engine = {"none": "no data-parallel wrapper", "ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
+              "zero3": "ZeRO-3 (approximate)"}[r["engine"]]
     where = "GPU" if r["device"] == "cuda" else "process"
     lines = [f"plan: {r['model']} ({r['params'] / 1e9:.2f}B parameters, vocab {r['vocab_size']}), {r['strategy']}"
              f"{' r=' + str(r['rank']) if r['strategy'] != 'full' else ''}, {engine} over {r['data_parallel']} "

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -100,9 +99,7 @@ def planned_model(cfg, args, step: int):
     from trainer.strategies.lora import LoRALinear
 
     strategy = build_strategy(cfg.strategy, cfg.train.seed)
-    # Meta tensors hold no values to initialise, and torch runs nn.init.normal_ on them through
-    # its Python reference, which imports torch._dynamo (3 s of a plan's 4 on an idle machine).
-    with torch.device("meta"), mock.patch.object(nn.init, "normal_", lambda t, *a, **k: t):
+    with torch.device("meta"):
         model = Transformer(args)
         groups = strategy.apply(model, cfg.optimizer.weight_decay, step)
         if cfg.strategy.frozen_dtype == "bf16":
@@ -138,8 +135,8 @@ def zero_partition(numel: int, dp: int) -> int:
 
 
 def _in_partition(groups, dp: int) -> int:
-    """The most elements one rank's ZeRO-2 contiguous gradient buffer holds: every parameter
-    overlapping its partition, whole."""
+    """The most elements one rank's contiguous gradient buffer holds under ZeRO-1/2 (DeepSpeed's
+    grads_in_partition): every parameter overlapping its partition, whole."""
     held = [0] * dp
     for g in groups:
         part = zero_partition(sum(p.numel() for p in g["params"]), dp)
@@ -156,8 +153,8 @@ def _fused_copies(model, layout: Layout) -> tuple[int, int]:
     """(device bytes, host bytes) of [W; A] rows that no parameter views."""
     from trainer.strategies.lora import LoRALinear
 
-    # Accelerate moves the module to its device at prepare: to a GPU, or on a CPU in a
-    # multi-process job without DeepSpeed to "cpu:0", which copies every parameter too.
+    # On a CPU, Accelerate's prepare of a multi-process job without DeepSpeed moves the module
+    # to "cpu:0", another device to torch: every parameter is copied.
     moved = layout.world > 1 and layout.kind not in ZERO
     device = host = 0
     for m in model.modules():
