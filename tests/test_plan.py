@@ -230,6 +230,19 @@ def test_llama_7b_plans_on_the_meta_device():
     assert b["master_weights"] == b["frozen_weights"] == 0 and p["fits"] is False
 
 
+def test_diloco_state_per_worker_kind(plan_json):
+    """DiLoCo per node: DDP over the node's 4 ranks and the anchor and outer momentum (fp32,
+    the trainable parameters) sharded over them; per process: no wrapper, both whole."""
+    base = ["model.name=llama-130m", "strategy.name=relora", "strategy.rank=64", "distributed.sync=diloco"]
+    flags = ["--nodes", "2", "--gpus-per-node", "4", "--gpu-memory", "80GiB"]
+    node, process = (plan_json(*base, f"distributed.diloco_worker={w}", *flags) for w in ("node", "process"))
+    trainable = node["bytes"]["trainable_weights"]
+    assert (node["engine"], node["data_parallel"], process["engine"], process["data_parallel"]) == ("ddp", 4, "none", 1)
+    assert process["bytes"]["diloco_state"] == 2 * trainable
+    assert node["bytes"]["diloco_state"] == 2 * trainable // 4
+    assert node["bytes"]["comm_buffers"] == trainable and process["bytes"]["comm_buffers"] == 0
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--gpu-memory", "80XB"], "--gpu-memory '80XB': expected a size such as 80GiB"),
     (["--gpu-memory", "0GiB"], "--gpu-memory '0GiB': expected a size"),
