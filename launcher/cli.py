@@ -27,6 +27,7 @@ EPILOG = """examples:
   lrpt export runs/relora hf/relora-micro
   lrpt bench --model micro --steps 20
   lrpt bench --model micro --steps 20 --link 100mbit --nodes 2 --nproc-per-node 2 --strategies full relora
+  lrpt plan configs/experiments/relora-130m.yaml --nodes 1 --gpus-per-node 8 --gpu-memory 40GiB
 """
 
 
@@ -135,6 +136,11 @@ def cmd_compare(a) -> int:
     from launcher.compare import compare
     compare(a.configs, out=a.out, overrides=a.set or [])
     return 0
+
+
+def cmd_plan(a) -> int:
+    from launcher import plan
+    return plan.main(a)
 
 
 def cmd_bench(a) -> int:
@@ -269,6 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target-loss", type=float, help="with --link: report the seconds to reach this validation loss")
     b.add_argument("--out", help="keep the run directories here (e.g. for `lrpt plot`), not in a temporary folder")
     b.set_defaults(fn=cmd_bench)
+
+    pn = sub.add_parser("plan", help="GPU memory per category, whether a run fits, the smallest change that does",
+                        description="Bytes per GPU by category (weights, masters, gradients, optimizer states, "
+                        "buffers, activations, ...) for a config on --nodes x --gpus-per-node under its engine, "
+                        "the peak of a step, whether it fits --gpu-memory and if not the smallest change that "
+                        "fits (frozen_dtype, ZeRO stage, activation checkpointing, micro-batch). Computed from "
+                        "the model built on the meta device: nothing is allocated.")
+    from launcher import plan
+    plan.add_arguments(pn)
+    pn.set_defaults(fn=cmd_plan)
     return p
 
 

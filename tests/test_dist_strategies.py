@@ -666,6 +666,32 @@ def test_communication_matrix(ddp_full, ddp_relora, ddp_switch, zero1_full, zero
     assert "sync wire" in table.stdout and "edit/step" in table.stdout
 
 
+def test_plan_matches_recorded_memory(ddp_full, ddp_relora, ddp_switch, zero1_full, zero1_relora, zero1_switch,
+                                      zero2_full, zero2_relora, zero2_switch, capsys):
+    """`lrpt plan RUN` (the model the run built, on 2 CPU processes) predicts to the byte what
+    each run measured from its live tensors: weights, fused-buffer copies, ZeRO's fp32
+    partitions, the gradients the optimizer steps on and its state. For ReLoRA's warm start
+    twice: the first record (full rank) and the first after the rewrap (adapters)."""
+    from launcher.cli import main
+    from trainer.memory import MEASURED
+
+    for run in (ddp_full, ddp_relora, ddp_switch, zero1_full, zero1_relora, zero1_switch, zero2_full,
+                zero2_relora, zero2_switch):
+        capsys.readouterr()
+        assert main(["plan", str(run.dir), "train.device=cpu", "--gpus-per-node", "2", "--gpu-memory", "8GiB",
+                     "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        phases = {p["from_step"]: p["bytes"] for p in plan["phases"]}
+        starts = [0] + [step for step, event in run.events() if event == "rewrap"]
+        measured = [r for r in run.records() if "mem/gradients_bytes" in r]
+        assert sorted(phases) == starts and len(measured) == len(starts), (run.dir.name, starts)
+        for rec, start in zip(measured, starts):
+            got = {k: rec[f"mem/{k}_bytes"] for k in MEASURED}
+            assert got == {k: phases[start][k] for k in MEASURED}, (run.dir.name, start)
+        if plan["engine"] != "ddp":  # ZeRO: fp32 partitions of every trainable group, half each
+            assert 0 < measured[-1]["mem/master_weights_bytes"] < measured[-1]["mem/trainable_weights_bytes"]
+
+
 @pytest.mark.parametrize("which", ["zero1_full", "zero2_full"])
 def test_validation_loss_is_the_same_at_any_world_size_and_in_lrpt_eval(which, request):
     """The final record's validation loss (2 ranks, each its share of the fixed sequences) is

@@ -195,6 +195,10 @@ class Engine:
         fn(Part(p.shape, 0, p.numel()),
            {k: v.view(-1) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape == p.shape})
 
+    def master_partitions(self) -> list[torch.Tensor]:
+        """This rank's fp32 master partitions (none under DDP: the module is the master)."""
+        return self._flats() if self.deepspeed else []
+
     def _flats(self) -> list[torch.Tensor]:
         """DeepSpeed's flat fp32 partitions, the keys of the torch optimizer's state."""
         if self.zero_stage == 3:

@@ -28,6 +28,7 @@ from trainer.distributed import CommHook, build_accelerator, check_consistency, 
 from trainer.engine import Engine
 from trainer.errors import EXIT_PREEMPTED, NonFiniteLoss, Preempted, RunDirError
 from trainer.evaluate import minimal_pairs_record, validation_batches, validation_loss
+from trainer.memory import MemoryProbe
 from trainer.model import build_model
 from trainer.ranks import all_reduce_sum, broadcast_str, say
 from trainer.resume import open_run_dir
@@ -157,6 +158,7 @@ class Trainer:
         refresh_fused(self.engine.module)  # prepare may have moved or re-pointed weights
         self.sync.reanchor(self.engine)  # DiLoCo: the weights every rank starts from
         self.comm = CommMeter(self.engine)
+        self.mem = MemoryProbe(self.engine)  # the mem/ fields of the next record (trainer/memory.py)
 
     def _rewrap(self, step: int) -> None:
         """The trainable set changes (full-rank warm start over): DDP syncs only what was
@@ -345,7 +347,8 @@ class Trainer:
                 comm_bytes, st.window_sync_bytes = popped["sync"]["bytes"] + st.window_sync_bytes, 0
                 st.comm_bytes_total += comm_bytes
                 record.update(comm_bytes=comm_bytes, comm_bytes_total=st.comm_bytes_total,
-                              comm_time_s=popped["sync"]["seconds"], **comm_record_fields(popped))
+                              comm_time_s=popped["sync"]["seconds"], **comm_record_fields(popped),
+                              **self.mem.record())
                 self.log(record)
                 msg = (f"step {st.step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
                        f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | comm {comm_bytes / 1e6:.2f} MB")
