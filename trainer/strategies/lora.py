@@ -47,6 +47,11 @@ def merged_state_dict(state_dict: dict) -> dict:
     return out
 
 
+def _fp32(x: float) -> float:
+    """x rounded to fp32: forward (a Python float) and merges (the fp32 buffer) use one scale."""
+    return float(torch.tensor(x, dtype=torch.float32, device="cpu"))
+
+
 THIN_RANK = 16  # below it, a CPU forms the adapter's N x r products transposed (_FusedLowRank)
 
 
@@ -128,7 +133,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.register_buffer("lora_scale", torch.tensor(float(scale), dtype=torch.float32, device=w.device))
-        self.scale = float(scale)  # a Python float: no host read of lora_scale per forward
+        self.scale = _fp32(scale)  # a Python float (no host read per forward) of the value lora_scale holds
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._wa: torch.Tensor | None = None  # not a registered buffer: no state_dict entry, no DDP broadcast
         self._a_aliased = False
@@ -191,7 +196,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(A.to(like.device, like.dtype), requires_grad=like.requires_grad)
         self.lora_B = nn.Parameter(B.to(like.device, like.dtype), requires_grad=like.requires_grad)
         self.lora_scale.fill_(scale)
-        self.scale = float(scale)
+        self.scale = _fp32(scale)
         if not self.weight.is_meta:
             self.fuse()
 
