@@ -25,7 +25,7 @@ from trainer.seeding import Purpose, seeded_generator
 from trainer.shapes import PROJECTIONS
 from trainer.strategies.base import StepContext
 from trainer.strategies.lora import LoRALinear, kaiming_uniform
-from trainer.strategies.ranks import allocate_ranks
+from trainer.strategies.rank_plan import allocate_ranks
 
 from test_strategies import Rig, adapters, assert_same_function, batch  # noqa: E402  (same folder)
 from test_switchlora import FP32_TOL  # noqa: E402

@@ -94,7 +94,7 @@ class StrategyConfig:
     # Storage of the frozen W of wrapped layers: fp32 | bf16 (half its memory; merges and
     # switches still add in fp32 and round once when stored back, see docs/LOG.md).
     frozen_dtype: str = "fp32"
-    # Hybrid and adaptive rank (trainer/strategies/ranks.py). full_rank: fnmatch patterns on the
+    # Hybrid and adaptive rank (trainer/strategies/rank_plan.py). full_rank: fnmatch patterns on the
     # module paths of the targeted linears (layers.0.self_attn.q_proj; `*` crosses dots); a last
     # component that is a projection's short name stands for its module (*.self_attn.o = o_proj).
     full_rank: list[str] = field(default_factory=list)  # linears trained full rank instead of by adapters, e.g. [layers.0.*, '*.self_attn.o']

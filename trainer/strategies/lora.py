@@ -5,7 +5,7 @@ Algorithm:
   init    wrap q, k, v, o, gate, up, down; A ~ Kaiming-uniform (a = sqrt(5), as nn.Linear
           and PEFT), B = 0, so the model starts as the plain network; s = alpha / r.
           Embeddings, head and norms stay fully trainable (as the papers). Hybrid rank
-          (strategies/ranks.py): linears matching strategy.full_rank stay plain and train
+          (strategies/rank_plan.py): linears matching strategy.full_rank stay plain and train
           full rank; strategy.ranks gives each projection its own r (and s = alpha / r).
   step    AdamW on A, B and the full-rank parameters; W never changes (no merges).
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from trainer.seeding import Purpose, seeded_generator
 from trainer.strategies.base import Strategy
-from trainer.strategies.ranks import TARGETS, adapter_ranks, layer_modules
+from trainer.strategies.rank_plan import TARGETS, adapter_ranks, layer_modules
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_scale")
 
@@ -307,7 +307,7 @@ class LoRA(Strategy):
         return self.cfg.alpha / rank
 
     def plan(self, model: nn.Module, state: dict | None) -> dict[str, int]:
-        """{module path: rank} of the linears to adapt (hybrid rank: strategies/ranks.py)."""
+        """{module path: rank} of the linears to adapt (hybrid rank: strategies/rank_plan.py)."""
         return adapter_ranks(targeted_linears(model, self.cfg.targets), self.cfg)
 
     def apply(self, model: nn.Module, weight_decay: float, step: int = 0, state: dict | None = None) -> list[dict]:

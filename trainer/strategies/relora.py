@@ -24,7 +24,7 @@ Algorithm (q = reset_every, N = warm_start_steps):
   adaptive with strategy.rank_budget = R: the first cycle runs every adapter at rank R. At
            each merge the effective rank of each merged update s B A (from its singular
            values) is its module's demand; the next cycle's ranks are apportioned in
-           proportion to it (strategies/ranks.py allocate_ranks: greedy, sum of (in + out) r
+           proportion to it (strategies/rank_plan.py allocate_ranks: greedy, sum of (in + out) r
            never above its value at uniform R, so the trainable bytes per step never exceed
            uniform R's). If any rank changed, the loop re-wraps before the next step: every
            adapter becomes a fresh ReLoRA init at its new rank (A Kaiming from the seeded
@@ -38,17 +38,17 @@ every rank draws the same without communicating, and a resumed run redraws them 
 """
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn as nn
-
-import json
 
 from trainer import comm
 from trainer.dynamics import effective_rank, low_rank_singular_values
 from trainer.seeding import Purpose, seeded_generator
 from trainer.strategies.base import StepContext, cosine_with_warmup
 from trainer.strategies.lora import LoRA, kaiming_uniform, merge, set_trainable
-from trainer.strategies.ranks import allocate_ranks
+from trainer.strategies.rank_plan import allocate_ranks
 
 
 class ReLoRA(LoRA):
@@ -96,7 +96,7 @@ class ReLoRA(LoRA):
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)
         self.merges = 0
-        self._full_rank_applied: bool | None = None  # the trainable set last applied
+        self._warm_applied: bool | None = None  # the trainable set last applied
         self.next_ranks: dict[str, int] | None = None  # adaptive: chosen at a merge, applied by rewrap
         self.last_merge: dict = {}  # what the last merge measured, for its metrics record
 
@@ -110,23 +110,24 @@ class ReLoRA(LoRA):
         return {name: m.rank for name, m in self.adapters}
 
     # -- phases ----------------------------------------------------------------------------
-    def full_rank(self, step: int) -> bool:
-        """True while optimizer step `step` (0-based) is part of the full-rank warm start."""
+    def warm(self, step: int) -> bool:
+        """True while optimizer step `step` (0-based) is part of the full-rank warm start
+        (not strategy.full_rank: those linears train full rank in every phase)."""
         return step < self.cfg.warm_start_steps
 
     def set_phase(self, model: nn.Module, weight_decay: float, step: int) -> list[dict]:
-        full = self.full_rank(step)
+        full = self.warm(step)
         if full:
             # Warm start = plain full-rank training: everything but the (zero) adapters.
             for n, p in model.named_parameters():
                 p.requires_grad_(n.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"))
         else:
             set_trainable(model, self.cfg, adapters=True, wrapped_weights=False)
-        self._full_rank_applied = full
+        self._warm_applied = full
         return self.param_groups(model, weight_decay)
 
     def needs_rewrap(self, step: int) -> bool:
-        phase_changed = self._full_rank_applied is not None and self.full_rank(step) != self._full_rank_applied
+        phase_changed = self._warm_applied is not None and self.warm(step) != self._warm_applied
         return phase_changed or self.next_ranks is not None
 
     def rewrap(self, model: nn.Module, step: int, weight_decay: float) -> list[dict]:
@@ -173,8 +174,7 @@ class ReLoRA(LoRA):
         pers = [er / min(m.in_features, m.out_features) for er, (_, m) in zip(ers, self.adapters)]
         self.last_merge = {"merge_per": sum(pers) / len(pers)} if pers else {}
         if self.cfg.rank_budget:
-            with comm.phase("edit"):
-                self.choose_ranks(ers)
+            self.choose_ranks(ers)
         return "merge"
 
     def event_record(self) -> dict:
@@ -209,7 +209,8 @@ class ReLoRA(LoRA):
         chosen = allocate_ranks(effective_ranks, costs, [m.rank for m in mods],
                                 [min(m.in_features, m.out_features) for m in mods],
                                 budget=sum(costs) * self.cfg.rank_budget)
-        chosen = json.loads(broadcast_str(json.dumps(chosen)))
+        with comm.phase("edit"):
+            chosen = json.loads(broadcast_str(json.dumps(chosen)))
         ranks = dict(zip((name for name, _ in self.adapters), chosen))
         self.next_ranks = ranks if ranks != self.ranks() else None
         self.last_merge["ranks"] = ranks

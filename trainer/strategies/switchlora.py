@@ -49,7 +49,7 @@ from trainer.optim import VectorAdamW
 from trainer.seeding import Purpose, seeded_generator
 from trainer.strategies.base import StepContext
 from trainer.strategies.lora import LoRA, LoRALinear
-from trainer.strategies.ranks import TARGETS
+from trainer.strategies.rank_plan import TARGETS
 
 
 
