@@ -117,7 +117,9 @@ def test_evaluate_checkpoint_merges_adapters_and_reports_metrics_keys(tmp_path):
     save_config(cfg, run / "config.yaml")
     torch.manual_seed(0)
     model = Transformer(model_args(cfg.model, 16, data.vocab_size))
-    wrap_linears(model, ["v", "down"], rank=2, scale=2.0, dropout=0.0)
+    # Ranks and scales per module, as hybrid and adaptive rank leave them.
+    wrap_linears(model, {"layers.0.self_attn.v_proj": 2, "layers.0.mlp.down_proj": 3}, scale=lambda r: 4.0 / r,
+                 dropout=0.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -13,7 +13,7 @@ from trainer.export import export_hf
 from trainer.hf import model_args_from_hf
 from trainer.strategies.lora import merged_state_dict
 from trainer.model import Transformer, model_args
-from trainer.strategies.lora import wrap_linears
+from trainer.strategies.lora import targeted_linears, wrap_linears
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +60,9 @@ def test_export_with_adapters_loads_in_transformers_with_equal_logits(tmp_path, 
     save_config(cfg, run / "config.yaml")
     model = Transformer(model_args(cfg.model, cfg.data.seq_len, data.vocab_size))
     randomize(model)
-    wrap_linears(model, ["q", "v", "down"], rank=4, scale=0.25, dropout=0.0)
+    # A rank and a scale per module, as hybrid and adaptive rank leave them.
+    ranks = {path: {"q": 4, "v": 2, "down": 6}[t] for path, t in targeted_linears(model, ["q", "v", "down"])}
+    wrap_linears(model, ranks, scale=lambda r: 1.0 / r, dropout=0.0)
     with torch.no_grad():  # non-zero adapters: the export must fold them in, scale included
         for name, p in model.named_parameters():
             if "lora_" in name:

@@ -118,9 +118,10 @@ def test_switched_counterpart_is_frozen_then_restarts_as_fresh_adam():
 def test_switch_rate_follows_the_paper():
     st = build_strategy(StrategyConfig(name="switchlora", rank=256), 1234)
     T = 10_000
-    assert st.switches_per_step(0, T) == pytest.approx(256 / 40)  # ~6 per step at r = 256
-    assert st.switches_per_step(1000, T) == pytest.approx(0.3 * 256 / 40)  # 0.3x after ratio * T
-    assert st.switches_per_step(3000, T) == pytest.approx(0.027 * 256 / 40)  # ~0 after 30%
+    assert st.switches_per_step(0, T, 256) == pytest.approx(256 / 40)  # ~6 per step at r = 256
+    assert st.switches_per_step(1000, T, 256) == pytest.approx(0.3 * 256 / 40)  # 0.3x after ratio * T
+    assert st.switches_per_step(3000, T, 256) == pytest.approx(0.027 * 256 / 40)  # ~0 after 30%
+    assert st.switches_per_step(0, T, 64) == pytest.approx(64 / 40)  # per layer: its own rank (hybrid)
 
 
 def _state(rig):

@@ -368,10 +368,12 @@ def record_fields(popped: dict[str, dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # What a model sends: the analytic side's input, from the shape a run really built.
 
-def model_bytes(cfg, args, step: int | None = None) -> dict:
+def model_bytes(cfg, args, step: int | None = None, strategy_state: dict | None = None) -> dict:
     """Parameter bytes of the model `args` (a ModelArgs: model.json of a run) with `cfg`'s
     strategy applied for optimizer step `step` (default: after any warm start), counted on
-    the meta device (no memory: works up to 7B). `base_bytes` is the same model without
+    the meta device (no memory: works up to 7B). Shapes are the config's (hybrid rank too;
+    adaptive rank: its first cycle, at the budget) or a checkpoint's `strategy_state`'s
+    (adaptive: a later cycle's ranks). `base_bytes` is the same model without
     adapters, every weight trainable; `full_sync_bytes_per_step` what plain full-rank DDP
     sends for it (fp32 gradients every step, no hook, no DiLoCo): the baseline a user knows,
     so that a hook's or DiLoCo's saving shows against it too."""
@@ -385,7 +387,8 @@ def model_bytes(cfg, args, step: int | None = None) -> dict:
         base_params = list(model.parameters())  # full rank: every weight trains (shapes only)
         base = sum(p.numel() * p.element_size() for p in base_params)
         build_strategy(cfg.strategy, cfg.train.seed).apply(
-            model, cfg.optimizer.weight_decay, cfg.strategy.warm_start_steps if step is None else step)
+            model, cfg.optimizer.weight_decay, cfg.strategy.warm_start_steps if step is None else step,
+            strategy_state)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     return dict(trainable_params=sum(p.numel() for p in trainable),

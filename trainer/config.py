@@ -94,10 +94,12 @@ class StrategyConfig:
     # Storage of the frozen W of wrapped layers: fp32 | bf16 (half its memory; merges and
     # switches still add in fp32 and round once when stored back, see docs/LOG.md).
     frozen_dtype: str = "fp32"
-    # Hybrid and adaptive rank (lora, relora, switchlora)
-    full_rank: list[str] = field(default_factory=list)  # module patterns trained full rank, e.g. [layers.0.*, '*.self_attn.o']
+    # Hybrid and adaptive rank (trainer/strategies/rank_plan.py). full_rank: fnmatch patterns on the
+    # module paths of the targeted linears (layers.0.self_attn.q_proj; `*` crosses dots); a last
+    # component that is a projection's short name stands for its module (*.self_attn.o = o_proj).
+    full_rank: list[str] = field(default_factory=list)  # linears trained full rank instead of by adapters, e.g. [layers.0.*, '*.self_attn.o']
     ranks: dict[str, int] = field(default_factory=dict)  # rank per projection, e.g. {q: 16, v: 32}; others take strategy.rank
-    rank_budget: int = 0  # relora: ranks re-chosen at each merge within the bytes of uniform rank rank_budget; 0 = fixed ranks
+    rank_budget: int = 0  # relora: first cycle at this rank, then ranks re-chosen at each merge within its bytes; 0 = fixed ranks
 
 
 @dataclass

@@ -56,6 +56,15 @@ def singular_values(matrix: torch.Tensor, method: str = "exact", rank: int | Non
     return s[:k].double()
 
 
+def low_rank_singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Singular values of scale * B @ A ([m, r] @ [r, n]), descending, fp64, without forming
+    the m x n product: with B = Q_B R_B and A^T = Q_A R_A, s B A = Q_B (s R_B R_A^T) Q_A^T, so
+    they are the r x r core's. O((m + n) r^2), cheap enough for every ReLoRA merge at 7B."""
+    rb = torch.linalg.qr(B.detach().double(), mode="r").R
+    ra = torch.linalg.qr(A.detach().double().t(), mode="r").R
+    return torch.linalg.svdvals(rb @ ra.t()).mul_(abs(float(scale)))
+
+
 def effective_rank(s: torch.Tensor) -> float:
     total = s.sum()
     if total <= 0:

@@ -107,8 +107,9 @@ class Trainer:
             raise RunDirError(opened["error"])
         resume_from = Path(opened["resume_from"]) if opened["resume_from"] else None
         start_step = ckpt.step_of(resume_from) if resume_from else 0
-        # The trainable set of the step we start at, so the engine is built right the first time.
-        groups = self.strategy.apply(module, cfg.optimizer.weight_decay, start_step)
+        # The trainable set and shapes of the step we start at, so the engine is built right the first time.
+        resumed = ckpt.read(resume_from, parts=("trainer",))["trainer"]["strategy"] if resume_from else None
+        groups = self.strategy.apply(module, cfg.optimizer.weight_decay, start_step, resumed)
         d = cfg.distributed
         self.hook = CommHook(d.comm_hook, d.powersgd_rank, d.powersgd_start_iter, cfg.train.seed)
         self.sync = build_sync(cfg)
@@ -161,17 +162,17 @@ class Trainer:
         self.mem = MemoryProbe(self.engine)  # the mem/ fields of the next record (trainer/memory.py)
 
     def _rewrap(self, step: int) -> None:
-        """The trainable set changes (full-rank warm start over): DDP syncs only what was
-        trainable when it wrapped, so wrapper and optimizer are rebuilt. Optimizer state of
-        parameters that stay trainable (embeddings, head, norms) carries over."""
-        kept = self.engine.optimizer_state_dict()
-        module = self.engine.module
-        for _, p in module.named_parameters():  # masters -> module copy before re-wrapping
+        """The trainable set or shapes change (warm start over, adaptive ranks): DDP syncs only what was
+        trainable when it wrapped, so wrapper and optimizer are rebuilt; optimizer state stays with the
+        parameters that stay (embeddings, head, norms), new ones start fresh."""
+        kept, module = self.engine.optimizer_state_dict(), self.engine.module
+        before = dict(module.named_parameters())
+        for p in before.values():  # masters -> module copy before re-wrapping
             p.data.copy_(self.engine.read_param(p).to(p.dtype))
         groups = self.strategy.rewrap(module, step, self.cfg.optimizer.weight_decay)
         self._build_engine(module, groups)
-        trainable = {n for n, _ in self.engine.trainable()}
-        self.engine.load_optimizer_state_dict({n: s for n, s in kept.items() if n in trainable})
+        stay = {n for n, p in self.engine.trainable() if before.get(n) is p}
+        self.engine.load_optimizer_state_dict({n: s for n, s in kept.items() if n in stay})
         self._describe()
 
     def _describe(self) -> None:
@@ -337,7 +338,7 @@ class Trainer:
                           "trainable_params": self.trainable_params, "total_params": self.total_params,
                           "world_size": self.world, "elapsed_s": st.elapsed_s, "guard_time_s": window_guard_s}
                 if event:
-                    record["event"] = event
+                    record.update(event=event, **self.strategy.event_record())
                 if (cfg.logging.eval_every and st.step % cfg.logging.eval_every == 0) or last:
                     record.update(self.evaluate())
                 if (cfg.logging.blimp_every and st.step % cfg.logging.blimp_every == 0) or last:

@@ -38,12 +38,15 @@ class Strategy:
         self.seed = seed
 
     # -- set-up ----------------------------------------------------------------------------
-    def apply(self, model: nn.Module, weight_decay: float, step: int = 0) -> list[dict]:
+    def apply(self, model: nn.Module, weight_decay: float, step: int = 0, state: dict | None = None) -> list[dict]:
         """Prepare `model` in place (wrap linears, set requires_grad) and return the
         optimizer's parameter groups. `step` is the optimizer step the run starts at (0, or
         the resumed step): a strategy whose trainable set changes over time (ReLoRA's warm
         start) sets the one for that step, so a resumed run wraps and builds its optimizer
-        right the first time."""
+        right the first time. `state` is the resumed checkpoint's `state_dict()` of this
+        strategy (None on a fresh start): a strategy whose shapes change over time (ReLoRA's
+        adaptive ranks) builds the checkpoint's shapes from it; `load_state_dict` still
+        follows once the engine is built."""
         for p in model.parameters():
             p.requires_grad_(True)
         return self.param_groups(model, weight_decay)
@@ -93,10 +96,17 @@ class Strategy:
         short event name ("merge", "switch") when weights changed, else None."""
         return None
 
+    def event_record(self) -> dict:
+        """Fields for the metrics record of the step whose `after_step` returned an event
+        (ReLoRA: the merged updates' mean PER and, adaptive, the next cycle's ranks)."""
+        return {}
+
     def needs_rewrap(self, step: int) -> bool:
-        """True when the trainable set for optimizer step `step` differs from the one last
-        applied: the loop must call `rewrap` and rebuild the data-parallel wrapper and
-        optimizer (DDP only syncs what was trainable at wrap time)."""
+        """True when the trainable set (or a trainable shape) for optimizer step `step`
+        differs from the one last applied: the loop must call `rewrap` and rebuild the
+        data-parallel wrapper and optimizer (DDP only syncs what was trainable at wrap time).
+        Optimizer state carries over for the parameters that `rewrap` keeps (the same
+        Parameter objects); new ones start with none."""
         return False
 
     # -- resume ----------------------------------------------------------------------------

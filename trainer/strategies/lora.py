@@ -4,7 +4,9 @@ baseline): every targeted linear becomes W x + s B (A x) with W frozen.
 Algorithm:
   init    wrap q, k, v, o, gate, up, down; A ~ Kaiming-uniform (a = sqrt(5), as nn.Linear
           and PEFT), B = 0, so the model starts as the plain network; s = alpha / r.
-          Embeddings, head and norms stay fully trainable (as the papers).
+          Embeddings, head and norms stay fully trainable (as the papers). Hybrid rank
+          (strategies/rank_plan.py): linears matching strategy.full_rank stay plain and train
+          full rank; strategy.ranks gives each projection its own r (and s = alpha / r).
   step    AdamW on A, B and the full-rank parameters; W never changes (no merges).
 
 `LoRALinear` and the helpers below are shared by ReLoRA and SwitchLoRA.
@@ -18,10 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.seeding import Purpose, seeded_generator
-from trainer.shapes import PROJECTIONS
 from trainer.strategies.base import Strategy
-
-TARGETS = {short: path.rsplit(".", 1)[-1] for short, path in PROJECTIONS.items()}  # "q" -> "q_proj"
+from trainer.strategies.rank_plan import TARGETS, adapter_ranks, layer_modules
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_scale")
 
@@ -45,6 +45,11 @@ def merged_state_dict(state_dict: dict) -> dict:
                           state_dict[f"{prefix}.lora_scale"])
         out[key] = value
     return out
+
+
+def _fp32(x: float) -> float:
+    """x rounded to fp32: forward (a Python float) and merges (the fp32 buffer) use one scale."""
+    return float(torch.tensor(x, dtype=torch.float32, device="cpu"))
 
 
 THIN_RANK = 16  # below it, a CPU forms the adapter's N x r products transposed (_FusedLowRank)
@@ -128,7 +133,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(rank, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.register_buffer("lora_scale", torch.tensor(float(scale), dtype=torch.float32, device=w.device))
-        self.scale = float(scale)  # a Python float: no host read of lora_scale per forward
+        self.scale = _fp32(scale)  # a Python float (no host read per forward) of the value lora_scale holds
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._wa: torch.Tensor | None = None  # not a registered buffer: no state_dict entry, no DDP broadcast
         self._a_aliased = False
@@ -182,6 +187,20 @@ class LoRALinear(nn.Module):
             F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     @torch.no_grad()
+    def resize(self, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """New adapters A [r, in], B [out, r] of any rank r, scale s. They are new Parameters:
+        an optimizer and a data-parallel wrapper must be built for them (ReLoRA's adaptive
+        rank does this at a merge, through the loop's rewrap), and their state starts empty."""
+        like = self.lora_A
+        self.rank = A.shape[0]
+        self.lora_A = nn.Parameter(A.to(like.device, like.dtype), requires_grad=like.requires_grad)
+        self.lora_B = nn.Parameter(B.to(like.device, like.dtype), requires_grad=like.requires_grad)
+        self.lora_scale.fill_(scale)
+        self.scale = _fp32(scale)
+        if not self.weight.is_meta:
+            self.fuse()
+
+    @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The plain linear this layer computes (dropout aside), in fp32."""
         return merge(self.weight, self.lora_A, self.lora_B, self.lora_scale)
@@ -199,16 +218,23 @@ def refresh_fused(model: nn.Module) -> None:
                 m._fused_buffer()
 
 
-def wrap_linears(model: nn.Module, targets, rank: int, scale: float, dropout: float) -> list[tuple[str, LoRALinear]]:
-    """Replace each targeted nn.Linear by a LoRALinear; return all LoRALinears in module order.
-    Idempotent: already wrapped layers are kept (their position is each layer's module index,
-    which seeds its random draws, so the order must not depend on when wrapping happened)."""
-    suffixes = {TARGETS[t] for t in targets}
+def targeted_linears(model: nn.Module, targets) -> list[tuple[str, str]]:
+    """(module path, projection) of the linears `targets` names (wrapped or not), in module order."""
+    short = {leaf: t for t, leaf in TARGETS.items() if t in set(targets)}
+    return [(name, short[name.rsplit(".", 1)[-1]]) for name, m in model.named_modules()
+            if name.rsplit(".", 1)[-1] in short and isinstance(m, (nn.Linear, LoRALinear))]
+
+
+def wrap_linears(model: nn.Module, ranks: dict[str, int], scale, dropout: float) -> list[tuple[str, LoRALinear]]:
+    """Replace each nn.Linear that `ranks` ({module path: r}) names by a LoRALinear of rank r
+    and scale `scale(r)`; return all LoRALinears in module order. Idempotent: already wrapped
+    layers are kept (their position is each layer's module index, which seeds its random
+    draws, so the order must not depend on when wrapping happened)."""
     for name, module in list(model.named_modules()):
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in suffixes and type(module) is nn.Linear:
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, leaf, LoRALinear(module, rank, scale, dropout))
+        if name in ranks and type(module) is nn.Linear:
+            parent, _, leaf = name.rpartition(".")
+            r = ranks[name]
+            setattr(model.get_submodule(parent) if parent else model, leaf, LoRALinear(module, r, scale(r), dropout))
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
@@ -258,21 +284,34 @@ class LoRA(Strategy):
     @classmethod
     def check_config(cls, cfg) -> None:
         from trainer.config import check
+        from trainer.shapes import model_args
         s = cfg.strategy
         check(s.rank > 0, "strategy.rank", s.rank, "> 0")
         check(s.alpha > 0, "strategy.alpha", s.alpha, "> 0")
         check(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "in [0, 1)")
         check(len(s.targets) > 0, "strategy.targets", s.targets, "at least one of " + ", ".join(TARGETS))
+        for t, r in s.ranks.items():
+            check(t in s.targets, f"strategy.ranks.{t}", r, f"a projection of strategy.targets={s.targets}")
+        if cls.name != "relora":
+            check(s.rank_budget == 0, "strategy.rank_budget", s.rank_budget,
+                  "0 unless strategy.name=relora (adaptive ranks are re-chosen at merges)")
+        if not cfg.model.init_from:  # else the layer count is the checkpoint's: apply checks then
+            layers = model_args(cfg.model, cfg.data.seq_len, vocab_size=1).num_layers
+            adapter_ranks(layer_modules(layers, s.targets), s)
 
     def __init__(self, cfg, seed: int):
         super().__init__(cfg, seed)
         self.adapters: list[tuple[str, LoRALinear]] = []
 
-    def scale(self) -> float:
-        return self.cfg.alpha / self.cfg.rank
+    def scale(self, rank: int) -> float:
+        return self.cfg.alpha / rank
 
-    def apply(self, model: nn.Module, weight_decay: float, step: int = 0) -> list[dict]:
-        self.adapters = wrap_linears(model, self.cfg.targets, self.cfg.rank, self.scale(), self.cfg.dropout)
+    def plan(self, model: nn.Module, state: dict | None) -> dict[str, int]:
+        """{module path: rank} of the linears to adapt (hybrid rank: strategies/rank_plan.py)."""
+        return adapter_ranks(targeted_linears(model, self.cfg.targets), self.cfg)
+
+    def apply(self, model: nn.Module, weight_decay: float, step: int = 0, state: dict | None = None) -> list[dict]:
+        self.adapters = wrap_linears(model, self.plan(model, state), self.scale, self.cfg.dropout)
         self.init_adapters()
         return self.set_phase(model, weight_decay, step)
 
@@ -287,3 +326,11 @@ class LoRA(Strategy):
     def set_phase(self, model: nn.Module, weight_decay: float, step: int) -> list[dict]:
         set_trainable(model, self.cfg, adapters=True, wrapped_weights=False)
         return self.param_groups(model, weight_decay)
+
+    def describe(self, model: nn.Module) -> str:
+        ranks = sorted({m.rank for _, m in self.adapters})
+        wrapped = len(targeted_linears(model, self.cfg.targets))
+        note = f"; ranks {ranks[0]}..{ranks[-1]}" if len(ranks) > 1 else ""
+        if len(self.adapters) < wrapped:
+            note += f"; {wrapped - len(self.adapters)} of {wrapped} targeted linears full rank"
+        return super().describe(model) + note

@@ -2,7 +2,7 @@
 swapped, a few vectors per step, for candidates from a pool, so that over training W
 receives updates in many more directions than r.
 
-Algorithm (s = 1 / r, T = max_steps):
+Algorithm (s = 1 / r, T = max_steps; r, and so s, per layer under hybrid rank):
   init     wrap q, k, v, o, gate, up, down as W x + s B (A x). Each layer has two pools of
            min(m, n) candidate vectors, one for A's rows and one for B's columns, drawn
            U(-b, b) with b chosen so that s B A has nn.Linear's init variance 1/(3n) and
@@ -48,7 +48,8 @@ from trainer import comm
 from trainer.optim import VectorAdamW
 from trainer.seeding import Purpose, seeded_generator
 from trainer.strategies.base import StepContext
-from trainer.strategies.lora import TARGETS, LoRA, LoRALinear, wrap_linears
+from trainer.strategies.lora import LoRA, LoRALinear
+from trainer.strategies.rank_plan import TARGETS
 
 
 
@@ -131,15 +132,14 @@ class SwitchLoRA(LoRA):
         self.pools: list[tuple[VectorPool, VectorPool]] = []
         self.switches = 0
 
-    def scale(self) -> float:
-        return 1.0 / self.cfg.rank
+    def scale(self, rank: int) -> float:
+        return 1.0 / rank
 
     # -- init ------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, weight_decay: float, step: int = 0) -> list[dict]:
-        r = self.cfg.rank
-        self.adapters = wrap_linears(model, self.cfg.targets, r, self.scale(), self.cfg.dropout)
+    def init_adapters(self) -> None:
         self.pools = []
         for index, (_, m) in enumerate(self.adapters):
+            r = m.rank
             bound_a, bound_b = init_bounds(m.in_features, m.out_features, r)
             size = min(m.in_features, m.out_features)
             pa = VectorPool(size, r, m.in_features, bound_a, self.seed, index, Purpose.POOL_A)
@@ -147,11 +147,10 @@ class SwitchLoRA(LoRA):
             self.pools.append((pa, pb))
             if not m.weight.is_meta:
                 self._init_layer(m, pa, pb)
-        return self.set_phase(model, weight_decay, step)
 
     @torch.no_grad()
     def _init_layer(self, m: LoRALinear, pa: VectorPool, pb: VectorPool) -> None:
-        r, w = self.cfg.rank, m.weight
+        r, w = m.rank, m.weight
         dt = torch.promote_types(w.dtype, torch.float32)  # never below fp32 (a test runs fp64)
         A = torch.stack([pa.fresh(i) for i in range(r)]).to(w.device, dt)
         B = torch.stack([pb.fresh(i) for i in range(r)], dim=1).to(w.device, dt)
@@ -164,23 +163,22 @@ class SwitchLoRA(LoRA):
         return VectorAdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps)
 
     # -- each step -------------------------------------------------------------------------
-    def switches_per_step(self, step: int, max_steps: int) -> float:
-        """Expected switches of A rows (and of B columns) per layer after step `step` (1-based
-        count of finished steps, i.e. t + 1 for the 0-based step t just taken)."""
+    def switches_per_step(self, step: int, max_steps: int, rank: int) -> float:
+        """Expected switches of A rows (and of B columns) per layer of rank `rank` after step
+        `step` (1-based count of finished steps, i.e. t + 1 for the 0-based step t just taken)."""
         c = self.cfg
         rate = c.switch_decay_base ** (step / (c.switch_ratio * max_steps))
-        return c.rank * rate / c.switch_interval0
+        return rank * rate / c.switch_interval0
 
     def after_step(self, step: int, ctx: StepContext) -> str | None:
-        expected = self.switches_per_step(step, ctx.max_steps)
-        whole, frac = int(expected), expected - int(expected)
         switched = 0
         for index, (_, m) in enumerate(self.adapters):
             pa, pb = self.pools[index]
             if not (pa.can_switch() and pb.can_switch()):
                 continue  # min(m, n) <= r: no candidates beyond the vectors in use
+            expected = self.switches_per_step(step, ctx.max_steps, m.rank)
             g = seeded_generator(self.seed, step, index, Purpose.SWITCH)
-            k = whole + int(torch.rand(1, generator=g).item() < frac)
+            k = int(expected) + int(torch.rand(1, generator=g).item() < expected - int(expected))
             if k:
                 switched += self.switch_layer(step, m, pa, pb, k, g, ctx)
         self.switches += switched
@@ -265,9 +263,8 @@ class SwitchLoRA(LoRA):
         """Bytes held for candidates now, their bound, and what the reference would hold."""
         stored_vectors = sum(len(pa.store) + len(pb.store) for pa, pb in self.pools)
         stored = sum(pa.stored_bytes() + pb.stored_bytes() for pa, pb in self.pools)
-        shapes = [(m.in_features, m.out_features) for _, m in self.adapters]
-        return dict(stored_vectors=stored_vectors, stored_bytes=stored,
-                    **pool_memory(shapes, self.cfg.rank))
+        shapes = [(m.in_features, m.out_features, m.rank) for _, m in self.adapters]
+        return dict(stored_vectors=stored_vectors, stored_bytes=stored, **pool_memory(shapes))
 
     def describe(self, model: nn.Module) -> str:
         mem = self.candidate_memory()
@@ -282,13 +279,13 @@ def _choose(eligible: list[int], k: int, g: torch.Generator) -> list[int]:
     return sorted(eligible[j] for j in pick)
 
 
-def pool_memory(shapes, rank: int, bytes_per: int = 4, store_bytes: int = 2) -> dict:
-    """Candidate memory for wrapped layers of (in, out) shapes, without building anything:
+def pool_memory(shapes, bytes_per: int = 4, store_bytes: int = 2) -> dict:
+    """Candidate memory for wrapped layers of (in, out, rank), without building anything:
     `bound_bytes`, the most this implementation stores (every slot trained and switched out);
     `reference_bytes`, the reference's dense pools (min(m, n) vectors per side, from step 0);
     `weight_bytes`, the wrapped weights themselves, for scale."""
     bound = reference = weights = 0
-    for n, m in shapes:
+    for n, m, rank in shapes:
         size = min(n, m)
         weights += n * m * bytes_per
         reference += size * (n + m) * bytes_per
@@ -300,4 +297,4 @@ def model_pool_memory(args, rank: int, targets=tuple(TARGETS)) -> dict:
     """pool_memory for a named model size (trainer.model.ModelArgs), e.g. for the docs."""
     h, f, kv = args.hidden_size, args.intermediate_size, args.num_kv_heads * args.head_dim
     per_layer = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, f), "up": (h, f), "down": (f, h)}
-    return pool_memory([per_layer[t] for t in targets] * args.num_layers, rank)
+    return pool_memory([(*per_layer[t], rank) for t in targets] * args.num_layers)
