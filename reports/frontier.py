@@ -12,8 +12,9 @@ first steps count as the run paid them (`lrpt comm` shows the steady state inste
 - a one-process run sent nothing: it is placed by the analytic model (reports/comm.py) at
   `world_size` processes, phase by phase as above, and marked as such.
 With a bandwidth, x is projected seconds per step instead: the run's measured compute time per
-step (training time less its sync time) plus its sync wire bytes over the link, with no
-overlap of the two (an upper bound: DDP overlaps the all-reduce with backward).
+step (training time less its sync time; for a one-process run, divided by `world_size`, as if
+that many processes split its batch) plus its sync wire bytes over the link, with no overlap
+of the two (an upper bound: DDP overlaps the all-reduce with backward).
 
 Pareto: a run is on the frontier unless another run is at least as good on both axes and
 strictly better on one (x' <= x and loss' <= loss, not both equal). Runs at the same point
@@ -101,6 +102,8 @@ def run_point(run_dir, metrics: list[dict], tokens: int, world_size: int) -> dic
         wire = sum(walls) / steps if walls and None not in walls else wire_bytes(payload, run_world)
     sync_s = sum(r.get("comm_time_s") or 0.0 for r in train)
     compute_s = (at["elapsed_s"] - sync_s) / steps if at.get("elapsed_s") else None
+    if analytic and compute_s is not None:
+        compute_s /= world_size  # n processes split the step's batch: its compute, ideally scaled
     pers = [v for r in metrics if r.get("step", 0) <= steps for k, v in r.items()
             if k.startswith("dyn/") and k.endswith("/update_per")]
     blimp = next((r["blimp_acc"] for r in metrics if r.get("tokens") == tokens and "blimp_acc" in r), None)
@@ -175,8 +178,8 @@ def format_table(points: list[dict]) -> str:
     notes.append("bytes/step: sync payload per optimizer step per rank, averaged over the steps so far "
                  "(warm starts and PowerSGD's plain first steps included); n: processes the bytes are for.")
     if seconds:
-        notes.append("s/step: measured compute per step (training time less sync time) + sync wire bytes "
-                     "over the link, no overlap assumed.")
+        notes.append("s/step: measured compute per step (training time less sync time; one-process runs: "
+                     "divided by n, the batch split n ways) + sync wire bytes over the link, no overlap assumed.")
     notes.append(f"pareto: no other run has lower-or-equal {'s/step' if seconds else 'bytes/step'} and "
                  "lower-or-equal loss with one of them strictly lower.")
     return "\n".join(lines + [""] + notes)

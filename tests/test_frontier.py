@@ -99,6 +99,7 @@ def test_one_process_runs_are_placed_by_the_analytic_model(tmp_path, capsys, ove
         assert p["analytic"] and p["world_size"] == n
         assert p["bytes_per_step"] == pytest.approx(warm_share * full + (1 - warm_share) * low)
         assert p["wire_bytes_per_step"] == pytest.approx(2 * (n - 1) / n * p["bytes_per_step"])  # ring all-reduce
+        assert p["compute_s_per_step"] == pytest.approx(0.1 / n)  # its batch split n ways
     table = frontier.format_table([p])
     assert "MB*" in table and "placed by the analytic model at 8 processes" in table
 
