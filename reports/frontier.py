@@ -98,8 +98,8 @@ def run_point(run_dir, metrics: list[dict], tokens: int, world_size: int) -> dic
         payload, wire = _analytic_per_step(cfg, run_dir, world_size, steps)
     else:
         payload = at.get("comm_bytes_total", 0) / steps
-        walls = [r.get("comm/sync_wire_bytes") for r in train]
-        wire = sum(walls) / steps if walls and None not in walls else wire_bytes(payload, run_world)
+        wires = [r.get("comm/sync_wire_bytes") for r in train]  # absent in records older than the ledger
+        wire = sum(wires) / steps if wires and None not in wires else wire_bytes(payload, run_world)
     sync_s = sum(r.get("comm_time_s") or 0.0 for r in train)
     compute_s = (at["elapsed_s"] - sync_s) / steps if at.get("elapsed_s") else None
     if analytic and compute_s is not None:
@@ -108,9 +108,9 @@ def run_point(run_dir, metrics: list[dict], tokens: int, world_size: int) -> dic
             if k.startswith("dyn/") and k.endswith("/update_per")]
     blimp = next((r["blimp_acc"] for r in metrics if r.get("tokens") == tokens and "blimp_acc" in r), None)
     return dict(run=str(run_dir), label=label(cfg), bytes_per_step=payload, val_loss=val["val_loss"], tokens=tokens,
-                pareto=False, steps=steps, trained_tokens=max(r.get("tokens", 0) for r in metrics), world_size=world_size if analytic else run_world, analytic=analytic,
-                wire_bytes_per_step=wire, compute_s_per_step=compute_s, blimp_acc=blimp,
-                update_per=sum(pers) / len(pers) if pers else None)
+                pareto=False, steps=steps, trained_tokens=max(r.get("tokens", 0) for r in metrics),
+                world_size=world_size if analytic else run_world, analytic=analytic, wire_bytes_per_step=wire,
+                compute_s_per_step=compute_s, blimp_acc=blimp, update_per=sum(pers) / len(pers) if pers else None)
 
 
 def mark_pareto(points: list[dict], x: str) -> None:

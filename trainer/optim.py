@@ -127,10 +127,11 @@ def _batches(lists):
     each batch at most BATCH_ELEMENTS elements of one device and dtype."""
     pieces: dict[tuple, list[tuple]] = {}
     for tensors in zip(*lists):
-        flat = [t.view(-1) for t in tensors]
+        flat = tuple(t.view(-1) for t in tensors)
         n = flat[0].numel()
-        pieces.setdefault((flat[0].device, flat[0].dtype), []).extend(
-            tuple(f[i:i + BATCH_ELEMENTS] for f in flat) for i in range(0, n, BATCH_ELEMENTS))
+        cuts = [flat] if n <= BATCH_ELEMENTS else \
+            [tuple(f[i:i + BATCH_ELEMENTS] for f in flat) for i in range(0, n, BATCH_ELEMENTS)]
+        pieces.setdefault((flat[0].device, flat[0].dtype), []).extend(cuts)
     for cuts in pieces.values():
         batch, size = [], 0
         for cut in cuts:
@@ -177,10 +178,11 @@ def _vector_adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, e
     t = step.clamp(min=1.0)
     if wd != 0:
         p.lerp_(p * (1 - lr * wd), active)
+    # Temporaries are few and reused in place (each fresh one costs page faults on a CPU).
     exp_avg.lerp_(grad, active * (1 - beta1))  # weight 0 where frozen: unchanged
-    exp_avg_sq.lerp_(torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2), active)
+    exp_avg_sq.lerp_((exp_avg_sq * beta2).addcmul_(grad, grad, value=1 - beta2), active)
     # lr / (1 - beta1**t) where active, else 0 (torch's `lr / x` is x.reciprocal() * lr).
-    step_size = torch.expm1(t * log_b1).neg_().reciprocal_().mul_(lr).mul_(active)
-    bias_correction2_sqrt = torch.expm1(t.mul_(log_b2)).neg_().sqrt_()
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.addcdiv_(exp_avg * step_size, denom, value=-1.0)
+    step_size = (t * log_b1).expm1_().neg_().reciprocal_().mul_(lr).mul_(active)
+    bias_correction2_sqrt = t.mul_(log_b2).expm1_().neg_().sqrt_()
+    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(step_size.mul_(exp_avg), denom, value=-1.0)
