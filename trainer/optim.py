@@ -147,20 +147,20 @@ def _batches(lists):
 @torch.no_grad()
 def _step_batch(batch, lr, beta1, beta2, eps, weight_decay) -> None:
     """Update one batch: a lone view in place; several tensors through one flat copy of each
-    list (torch.cat), whose results are copied back into the parameters and the state."""
+    list (torch.cat), whose results are copied back into the parameters and the moments."""
     if len(batch[0]) == 1:
         _vector_adamw_update(*(xs[0] for xs in batch), lr, beta1, beta2, eps, weight_decay)
         return
     flat = [torch.cat(xs) for xs in batch]
     _vector_adamw_update(*flat, lr, beta1, beta2, eps, weight_decay)
     sizes = [x.numel() for x in batch[0]]
-    for i in (0, 2, 3, 4):  # the parameter and its state; the gradient is only read
+    for i in (0, 2, 3):  # the parameter and its moments; the gradient and the steps are only read
         torch._foreach_copy_(batch[i], list(flat[i].split(sizes)))
 
 
 def _vector_adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
     """One step of AdamW on flat tensors, with the step count per element (already
-    incremented for this step).
+    incremented for this step; only read here).
 
     Bitwise what torch's single-tensor AdamW computes for each element given its own step,
     with every write masked by `active` (step > 0 after the increment): each scalar of that
