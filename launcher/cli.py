@@ -19,6 +19,7 @@ EPILOG = """examples:
   lrpt slurm submit configs/experiments/relora-130m.yaml --nodes 4 --gpus-per-node 8 --deepspeed zero2
   lrpt slurm status runs/relora-130m
   lrpt comm runs/full runs/relora --json
+  lrpt frontier runs/* --bandwidth 0.1 --out runs/frontier
   lrpt eval runs/relora
   lrpt analyze runs/relora
   lrpt plot runs/full runs/relora --out plots/
@@ -121,6 +122,25 @@ def cmd_comm(a) -> int:
     print(json.dumps(rows, indent=1) if a.json else comm.format_table(rows))
     if a.plot:
         comm.plot_comm(rows, a.plot)
+    return 0
+
+
+def cmd_frontier(a) -> int:
+    _check_run_dirs(a.runs)
+    from reports import frontier
+    gbit = a.bandwidth
+    if a.link:
+        from launcher.bench import TC_RATE
+        m = TC_RATE.match(a.link.lower())
+        if not m:
+            print(f"error: --link {a.link!r}: expected a rate such as 100mbit, 1gbit or 500kbit", file=sys.stderr)
+            return 2
+        gbit = float(m.group(1)) * {"": 1e-9, "k": 1e-6, "m": 1e-3, "g": 1}[m.group(2)]
+    points = frontier.frontier(a.runs, world_size=a.world_size, bandwidth_gbit=gbit)
+    print(json.dumps(points, indent=1) if a.json else frontier.format_table(points))
+    if a.out:
+        for path in frontier.write(points, a.out):
+            print(path, file=sys.stderr if a.json else sys.stdout)
     return 0
 
 
@@ -234,6 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus-per-node", type=int,
                    help="ranks per node for a config (default: distributed.procs_per_node, else 1); a run records its own")
     c.set_defaults(fn=cmd_comm)
+
+    fr = sub.add_parser("frontier", help="validation loss against bytes (or seconds) per step, Pareto-optimal "
+                        "runs marked; a table, and frontier.png with --out",
+                        description="Each run at the largest token count where every run has a validation "
+                        "loss. x: sync bytes per step per rank averaged over the run so far (one-process runs: "
+                        "the analytic model at --world-size); with --bandwidth or --link, projected seconds per "
+                        "step (measured compute + wire bytes over the link). A run is Pareto-optimal unless "
+                        "another has lower-or-equal x and loss, one strictly lower.")
+    fr.add_argument("runs", nargs="+", help="run directories")
+    link = fr.add_mutually_exclusive_group()
+    link.add_argument("--bandwidth", type=float, metavar="GBIT", help="x: projected seconds per step at this Gbit/s")
+    link.add_argument("--link", metavar="RATE", help="the same as a tc rate: 100mbit, 1gbit")
+    fr.add_argument("--world-size", type=int, default=2, help="processes to place one-process runs at (analytic)")
+    fr.add_argument("--out", help="write frontier.md and frontier.png here")
+    fr.add_argument("--json", action="store_true", help="one object per run: run, label, bytes_per_step, "
+                    "val_loss, tokens, pareto, and the table's other figures")
+    fr.set_defaults(fn=cmd_frontier)
 
     la = sub.add_parser("launch", help="compose and run `accelerate launch` for one node of a run")
     la.set_defaults(fn=cmd_launch)

@@ -222,7 +222,10 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
         is_run = rd.is_dir()
         cfg = load_config(RunDir(rd).config if is_run else rd)
         meas = measure_run(RunDir(rd).read_metrics()) if is_run else {}
-        n_run = meas.get("world_size") or world_size or 2
+        run_world = meas.get("world_size") or world_size or 2
+        if run_world == 1:  # nothing crossed a network: no measured bytes; modelled at --world-size
+            meas = {k: meas[k] for k in ("trainable_params", "total_params", "step_time_s") if k in meas}
+        n_run = (world_size or 2) if run_world == 1 else run_world
         g = meas.get("procs_per_node") or procs_per_node or cfg.distributed.procs_per_node or 1
         ana = analytic_from_config(cfg, n_run, rd if is_run else None, g)
         measured = meas.get("measured_bytes_per_step")
@@ -232,7 +235,8 @@ def comm_report(run_dirs, *, bandwidths_gbit=(25, 100, 400), world_size=None, fu
             mine, full = ana["analytic_bytes_per_step"], ana["full_rank_bytes_per_step"]
         step_s, comm_s = meas.get("step_time_s"), meas.get("comm_time_per_step_s")
         row = dict(run=str(rd), strategy=cfg.strategy.name, model=cfg.model.name, rank=cfg.strategy.rank,
-                   engine=ana["engine"], world_size=n_run, grad_accum=cfg.train.grad_accum,
+                   engine=ana["engine"], world_size=run_world, analytic_world_size=n_run,
+                   grad_accum=cfg.train.grad_accum,
                    trainable_params=meas.get("trainable_params") or ana["trainable_params"],
                    total_params=meas.get("total_params") or ana["total_params"],
                    trainable_bytes=ana["trainable_bytes"], full_rank_bytes=ana["base_bytes"],
@@ -308,6 +312,10 @@ def format_table(rows: list[dict]) -> str:
     if proj:
         lines.append("ms: projected time per optimizer step for a node's inter-node bytes on its link to the others, "
                      "at <link Gbit/s>@n<ranks>")
+    for r in rows:
+        if r["world_size"] != r["analytic_world_size"]:
+            lines.append(f"{cell(r, 'run')}: one process, nothing measured; analytic figures at "
+                         f"{r['analytic_world_size']} processes (--world-size)")
     lines.append("bytes per optimizer step: sync payload and wire (ring algorithm) per rank, inter- and intra-node "
                  "wire per node; saving: payload")
     return "\n".join(lines)

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-VERBS = ["train", "data", "launch", "slurm", "comm", "eval", "analyze", "plot", "compare", "export", "bench"]
+VERBS = ["train", "data", "launch", "slurm", "comm", "frontier", "eval", "analyze", "plot", "compare", "export",
+         "bench"]
 # The short run of the brief: micro model, 5 steps of 4 x 32 tokens.
 TRAIN_ARGS = ["train.max_steps=5", "model.name=micro", "data.seq_len=32", "data.batch_size=4",
               "logging.progress=false"]

@@ -180,9 +180,10 @@ def _groups(ps, wd):
 
 
 @pytest.mark.parametrize("betas", [(0.9, 0.95), (0.9, 0.999)])
-def test_vector_adamw_equals_adamw(betas):
+def test_vector_adamw_equals_fused_adamw_while_counters_are_equal(betas):
+    # Tensors whose counters are all equal take torch's fused step: bitwise AdamW(fused=True).
     a, b = _params(), _params()
-    ref = torch.optim.AdamW(_groups(a, 0.1), lr=1e-2, betas=betas, eps=1e-8, foreach=False)
+    ref = torch.optim.AdamW(_groups(a, 0.1), lr=1e-2, betas=betas, eps=1e-8, fused=True)
     vec = VectorAdamW(_groups(b, 0.1), lr=1e-2, betas=betas, eps=1e-8)
     g = torch.Generator().manual_seed(1)
     for _ in range(25):
@@ -192,8 +193,65 @@ def test_vector_adamw_equals_adamw(betas):
         ref.step()
         vec.step()
     for p, q in zip(a, b):
-        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        assert torch.equal(q, p)
+        assert torch.equal(vec.state[q]["exp_avg"], ref.state[p]["exp_avg"])
+        assert torch.equal(vec.state[q]["exp_avg_sq"], ref.state[p]["exp_avg_sq"])
     assert vec.state[b[0]]["step"].shape == b[0].shape and (vec.state[b[0]]["step"] == 25).all()
+
+
+def _per_element_adamw(p, grad, m, v, step, lr, beta1, beta2, eps, wd):
+    """The reference: torch's single-tensor AdamW step with each scalar made per element
+    (its step count) and every write kept where step > 0 after the increment."""
+    step.add_(1)
+    active = step > 0
+    t = step.clamp(min=1.0)
+    p.mul_(torch.where(active, 1 - lr * wd, 1.0))
+    m.copy_(torch.where(active, m.lerp(grad, 1 - beta1), m))
+    v.copy_(torch.where(active, torch.addcmul(v * beta2, grad, grad, value=1 - beta2), v))
+    bias_correction1 = -torch.expm1(t * math.log(beta1))
+    bias_correction2_sqrt = (-torch.expm1(t * math.log(beta2))).sqrt_()
+    step_size = torch.where(active, lr / bias_correction1, 0.0)
+    p.addcdiv_(m * step_size, (v.sqrt() / bias_correction2_sqrt).add_(eps), value=-1.0)
+
+
+def test_vector_adamw_with_unequal_counters_is_bitwise_the_per_element_formula(monkeypatch):
+    # Tiny batches, so that one tensor is cut into several flat views and several small ones
+    # share one concatenated batch: both ways must land every write in the real tensors.
+    monkeypatch.setattr("trainer.optim.BATCH_ELEMENTS", 64)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (7,), (40, 3), (3, 50), (2, 2)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    groups = [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0}]
+    opt = VectorAdamW(groups, lr=1e-2, betas=(0.9, 0.999))
+    ref = {id(p): [p.detach().clone(), *(torch.zeros_like(p) for _ in range(3))] for p in ps}
+
+    def edit(p, index, step):  # a SwitchLoRA reset (step 0) or freeze (step < 0), on both sides
+        for st in (opt.state[p], dict(zip(("exp_avg", "exp_avg_sq", "step"), ref[id(p)][1:]))):
+            st["exp_avg"][index], st["exp_avg_sq"][index], st["step"][index] = 0, 0, step
+
+    for p in ps:
+        opt._init_state(p)
+        edit(p, 0, -3)  # every tensor's first element frozen 3 steps, then 3 steps behind the rest
+    for it in range(30):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        if it % 5 == 2:
+            edit(ps[0], 1, -2)  # a row of A frozen
+            edit(ps[2], (slice(None), 0), 0)  # a column of B restarted
+        if it == 28:
+            edit(ps[4], slice(None), -2)  # a whole tensor frozen: left alone for the last 2 steps
+        lr = opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = 1e-2 * 0.97 ** it
+        opt.step()
+        for group in groups:
+            for p in group["params"]:
+                _per_element_adamw(*[ref[id(p)][0], p.grad, *ref[id(p)][1:]], lr, 0.9, 0.999, 1e-8,
+                                   group["weight_decay"])
+    for p in ps:
+        want, m, v, step = ref[id(p)]
+        assert torch.equal(p.detach(), want)
+        assert torch.equal(opt.state[p]["exp_avg"], m) and torch.equal(opt.state[p]["exp_avg_sq"], v)
+        assert torch.equal(opt.state[p]["step"], step)
+    assert (opt.state[ps[4]]["step"] == 0).all()
 
 
 def test_vector_adamw_reset_vector_takes_a_fresh_adam_sized_step():
