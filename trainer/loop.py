@@ -30,7 +30,7 @@ from trainer.errors import EXIT_PREEMPTED, CheckpointError, NonFiniteLoss, Preem
 from trainer.evaluate import minimal_pairs_record, validation_batches, validation_loss
 from trainer.model import build_model
 from trainer.ranks import all_reduce_sum, broadcast_str, say
-from trainer.resume import open_run_dir
+from trainer.resume import elastic_restart, mark_start, open_run_dir
 from trainer.rundir import RunDir, default_run_dir
 from trainer.strategies import build_strategy
 from trainer.strategies.base import StepContext
@@ -117,18 +117,17 @@ class Trainer:
         seeding.seed_rank(cfg.train.seed, self.rank)
         self.state = TrainState()
         self.resumed_metrics_offset = 0  # a start over redoes every record already there
+        restart = elastic_restart()
         if resume_from is not None:
             self.load_state_dict(ckpt.read(resume_from))
-            say(acc, f"resumed from {resume_from} at step {self.state.step}")
+        if restart or resume_from is not None:
+            say(acc, (f"restart {restart[0]} of at most {restart[1]}: " if restart else "") +
+                (f"resumed from {resume_from} at step {self.state.step}" if resume_from else "no checkpoint yet"))
         if opened["changed"]:
             say(acc, "resuming with changed settings: " + ", ".join(
                 f"{k} {a!r} -> {b!r}" for k, (a, b) in opened["changed"].items()))
-        if acc.is_main_process and opened["had_records"]:
-            # Marks what a reader must drop: the records written after the checkpoint (view: RunDir.read_metrics).
-            self.run.end_cut_line()
-            self.run.append_metrics({"step": self.state.step, "tokens": self.state.tokens, "event": "resume",
-                                     "from": resume_from.name if resume_from else None,
-                                     "metrics_offset": self.resumed_metrics_offset, "changed": opened["changed"]})
+        if acc.is_main_process:
+            mark_start(self.run, opened, self.state, resume_from, self.resumed_metrics_offset, restart)
 
         if acc.is_main_process:  # accelerator.log and end_training then reach them
             acc.trackers += build_trackers(cfg, self.run)
@@ -275,7 +274,8 @@ class Trainer:
         stop = _StopFlag()
         ctx = StepContext(engine=self.engine, max_steps=cfg.train.max_steps)
         bar = None
-        if acc.is_main_process and cfg.logging.progress:
+        # A bar only for a terminal: in a file (a SLURM log) each redraw is one more line.
+        if acc.is_main_process and cfg.logging.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
         window_loss, window_steps, window_t0 = st.window_loss, st.window_steps, time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 from trainer.errors import RunDirError
 
 # Events of a run's life, not of its training: the rebuilt view leaves them out.
-LIFECYCLE = ("resume", "stop", "preempt")
+LIFECYCLE = ("resume", "restart", "stop", "preempt")
 
 # Lock files held by this process: flock belongs to an open file, so a second open of the same
 # file in this process would conflict with the first. Kept open for the process's life.
