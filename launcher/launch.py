@@ -109,6 +109,10 @@ def compose(config_path, overrides=(), *, nodes: int = 1, node_rank: int = 0, ma
     if rdzv == "c10d":
         argv += ["--rdzv_conf", f"is_host={'true' if node_rank == 0 else 'false'}"]
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        # Accelerate passes the endpoint to torchrun for several machines only; on one, torchrun
+        # would take its default (localhost:29400, shared by every job on the machine). torchrun
+        # reads its flags' defaults from PET_* variables.
+        env["PET_RDZV_ENDPOINT"] = f"{main_ip}:{main_port}"
     if use_ds:
         argv += ["--use_deepspeed", "--deepspeed_config_file", str(DEEPSPEED_CONFIGS / f"{deepspeed}.json"),
                  "--deepspeed_multinode_launcher", "standard"]

@@ -46,12 +46,14 @@ def test_rendezvous_restarts_and_bad_values(capsys):
     assert _flag(argv, "--rdzv_backend") == "static" and _flag(argv, "--max_restarts") == "0"
     assert "--rdzv_conf" not in argv and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env
     # Restarts run on c10d; the head node (rank 0) hosts the store, and each round's workers get a fresh one.
-    for rank in (0, 1):
-        argv, env = launch.compose(None, [], nodes=2, node_rank=rank, gpus_per_node=1, deepspeed="none", cpu=True,
-                                   max_restarts=3)
+    for nodes, rank in ((2, 0), (2, 1), (1, 0)):
+        argv, env = launch.compose(None, [], nodes=nodes, node_rank=rank, main_ip="10.0.0.1", main_port=1234,
+                                   gpus_per_node=1, deepspeed="none", cpu=True, max_restarts=3)
         assert _flag(argv, "--rdzv_backend") == "c10d" and _flag(argv, "--max_restarts") == "3"
         assert _flag(argv, "--rdzv_conf") == f"is_host={'true' if rank == 0 else 'false'}"
         assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+        # On one machine too the rendezvous is at --main-port, not torchrun's shared default 29400.
+        assert env["PET_RDZV_ENDPOINT"] == "10.0.0.1:1234"
     with pytest.raises(ValueError, match="needs the c10d rendezvous"):
         launch.compose(None, [], nodes=2, gpus_per_node=1, deepspeed="none", cpu=True, rdzv="static", max_restarts=1)
     with pytest.raises(ValueError):
