@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -44,9 +45,20 @@ def describe(failure) -> str:
     return f"exited with {failure.exitcode}" + (f": {first}" if first else "")
 
 
-def first_failure(failures: dict) -> str:
-    rank = min(failures, key=lambda r: failures[r].timestamp)
-    return f"rank {rank} {describe(failures[rank])}"
+def first_failure(failures: dict) -> tuple[int, object]:
+    """(rank, failure) of the process that failed first. Once one has failed, torch stops the
+    node's others with SIGTERM and books them as failures too, often within the same second
+    (timestamps are whole seconds): among ties, those SIGTERMs come last, exit codes before them."""
+    def order(rank):
+        f = failures[rank]
+        return f.timestamp, f.exitcode == -signal.SIGTERM, f.exitcode >= 0, rank
+    rank = min(failures, key=order)
+    return rank, failures[rank]
+
+
+def cause(failures: dict) -> str:
+    rank, failure = first_failure(failures)
+    return f"rank {rank} {describe(failure)}"
 
 
 class JobRestartAgent(LocalElasticAgent):
@@ -65,7 +77,7 @@ class JobRestartAgent(LocalElasticAgent):
             self._remaining_restarts = max(0, self._remaining_restarts - 1)
         JobRestartAgent.restarts = spec.max_restarts - self._remaining_restarts
         if worker_group.state != WorkerState.HEALTHY and self._last is not None and self._last.failures:
-            say(f"node {worker_group.group_rank}: {first_failure(self._last.failures)}; restart "
+            say(f"node {worker_group.group_rank}: {cause(self._last.failures)}; restart "
                 f"{JobRestartAgent.restarts} of at most {spec.max_restarts}: every node's "
                 f"processes start again from the newest complete checkpoint")
         super()._restart_workers(worker_group)
@@ -94,10 +106,9 @@ def main() -> None:
     try:
         accelerate_launch()
     except ChildFailedError as e:
-        rank = min(e.failures, key=lambda r: e.failures[r].timestamp)
-        code = e.failures[rank].exitcode
+        code = first_failure(e.failures)[1].exitcode
         after = f" after {JobRestartAgent.restarts} restart(s), the most allowed" if JobRestartAgent.restarts else ""
-        say(f"failed{after}: {first_failure(e.failures)}")
+        say(f"failed{after}: {cause(e.failures)}")
         sys.exit(code if code > 0 else 128 - code)  # a signal: the shell's 128 + N
     except RendezvousClosedError:
         say("failed: another node gave up (its lines name the cause) and closed the job's rendezvous")

@@ -130,6 +130,30 @@ def test_agent_logs_the_exit_barrier_race_as_one_line():
     assert rest[0] == "ERROR Some other failure" and "Traceback" in rest[1] and "ValueError" in rest[-1]
 
 
+def test_the_cause_is_the_first_failure_not_the_processes_torch_stopped(tmp_path, monkeypatch):
+    """torch elastic's own failure records (ProcessFailure): a rank killed by -9, and its node's
+    other rank that the agent then stopped with SIGTERM, booked in the same second; a rank whose
+    error file the trainer wrote (trainer.errors.record_for_launcher)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from launcher.agent import cause
+    from trainer.errors import ConfigError, record_for_launcher
+
+    killed = ProcessFailure(local_rank=1, pid=11, exitcode=-9, error_file="<N/A>")
+    stopped = ProcessFailure(local_rank=0, pid=10, exitcode=-15, error_file="<N/A>")
+    stopped.timestamp = killed.timestamp
+    assert cause({2: stopped, 3: killed}) == "rank 3 was killed by SIGKILL"
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    try:
+        raise ConfigError("unknown config key 'a.b'")
+    except ConfigError as e:
+        record_for_launcher(e)
+    failed = ProcessFailure(local_rank=0, pid=12, exitcode=2, error_file=str(error_file))
+    assert cause({0: failed}) == "rank 0 exited with 2: ConfigError: unknown config key 'a.b'"
+    assert cause({0: ProcessFailure(local_rank=0, pid=13, exitcode=1, error_file="<N/A>")}) == "rank 0 exited with 1"
+
+
 def test_exit_process_runs_atexit_and_keeps_the_code(tmp_path):
     """A worker leaves through exit_process with its gloo threads still up (the group
     referenced, as DDP's reducer references it): the code is its own, atexit handlers ran,
