@@ -1,6 +1,10 @@
-"""The `accelerate launch` command lines that `lrpt launch` composes: flags checked against
-Accelerate's own parser and validation, without starting any process."""
+"""Launchers. The `accelerate launch` command lines that `lrpt launch` composes, checked against
+Accelerate's own parser and validation without starting any process; then real launches:
+restarts across two "nodes" on this host, users' own `accelerate launch` and torchrun, one exit
+path for a failed process, and what the console shows on a terminal and in a file."""
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -329,3 +333,37 @@ def test_torchrun_and_lrpt_launch_leave_through_one_exit_path(tmp_path, lrpt_cac
     assert r.returncode == 2, r.stderr
     assert "[lrpt] failed: rank" in r.stderr and f"exited with 2: {cause}" in r.stderr, r.stderr
     assert "ChildFailedError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path, lrpt_cache):
+    """One process with stderr on a terminal (a pty) draws the bar there; the periodic lines
+    (with an ETA) go to stdout either way. (A file or pipe gets no bar: the launch tests above
+    and the SLURM logs check that.)"""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # tqdm draws nothing 0 wide
+    env = dict(os.environ, LRPT_CACHE=str(lrpt_cache), OMP_NUM_THREADS="1", PYTHONPATH=str(launch.ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *TINY, f"run.dir={tmp_path / 'run'}"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    out = proc.communicate(timeout=120)[0]
+    os.close(master)
+    assert proc.returncode == 0, out + terminal.decode(errors="replace")
+    assert b"\rtrain:" in terminal and b"2/2" in terminal, terminal
+    assert re.search(r"^step 2/2 \| loss [\d.]+ \| lr \S+ \| [\d.]+k tok/s \| comm [\d.]+ MB \| eta \d+m\d\ds", out, re.M), out

@@ -242,7 +242,8 @@ TRAIN = ["model.name=micro", "strategy.name=relora", "strategy.rank=4", "strateg
 # How the 2 nodes x 2 processes jobs (the reference and the fault job) synchronise. For DiLoCo
 # with a worker per node (issue 21), this one line becomes
 # ["distributed.sync=diloco", "distributed.diloco_inner_steps=5", "distributed.diloco_worker=node"]
-# (H divides strategy.reset_every=10: ReLoRA merges at outer syncs).
+# (H divides strategy.reset_every=10: ReLoRA merges at outer syncs; the preemption then lands
+# mid-cycle). With diloco_worker=process in its place both tests pass today.
 SYNC_2X2 = ["distributed.sync=every_step"]
 
 
@@ -282,7 +283,8 @@ def _check_distributed(run_dir: Path, world: int) -> None:
     train = [r for r in rundir.RunDir(run_dir).read_metrics() if "loss" in r]
     assert train and train[-1]["step"] == 40
     assert all(r["world_size"] == world for r in train)  # both nodes' ranks in one job
-    assert all(r["comm_bytes"] > 0 for r in train)  # gradients crossed between the "nodes"
+    # Gradients crossed between the "nodes": every step, or every outer step of DiLoCo (H <= 5).
+    assert all(any(r["comm_bytes"] > 0 for r in train[i:i + 5]) for i in range(0, len(train), 5)), train
     assert train[-1]["comm_bytes_total"] >= sum(r["comm_bytes"] for r in train)
 
 

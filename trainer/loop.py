@@ -278,6 +278,7 @@ class Trainer:
         if acc.is_main_process and cfg.logging.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
+        console = bar.write if bar is not None else (lambda line: say(acc, line))
         window_loss, window_steps, window_t0 = st.window_loss, st.window_steps, time.perf_counter()
         window_guard_s = 0.0  # rank checks in this window: timed apart, not training
         if st.step == 0:
@@ -318,11 +319,7 @@ class Trainer:
             if event:
                 self.sync.reanchor(self.engine)
             if event in ("merge", "rewrap"):  # rare and worth seeing; switches happen most steps
-                note = f"step {st.step}: {event}"
-                if bar is not None:
-                    bar.write(note)
-                else:
-                    say(acc, note)
+                console(f"step {st.step}: {event}")
             # Ranks are compared after merges and every guard_every steps, not after each
             # switch (most steps early on); the check's time is kept out of the step's.
             guard_every = cfg.distributed.guard_every
@@ -355,15 +352,15 @@ class Trainer:
                 record.update(comm_bytes=comm_bytes, comm_bytes_total=st.comm_bytes_total,
                               comm_time_s=popped["sync"]["seconds"], **comm_record_fields(popped))
                 self.log(record)
+                eta = round(st.elapsed_s / st.step * (cfg.train.max_steps - st.step))  # the progress in a log file
                 msg = (f"step {st.step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                       f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | comm {comm_bytes / 1e6:.2f} MB")
+                       f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | comm {comm_bytes / 1e6:.2f} MB | "
+                       f"eta {eta // 60}m{eta % 60:02d}s")
                 if "val_loss" in record:
                     msg += f" | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    bar.write(msg)
-                else:
-                    say(acc, msg)
+                console(msg)
                 window_loss, window_steps, window_t0, window_guard_s = 0.0, 0, time.perf_counter(), 0.0
             if bar is not None:
                 bar.update(1)
