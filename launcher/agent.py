@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 
@@ -47,13 +46,10 @@ def describe(failure) -> str:
 
 def first_failure(failures: dict) -> tuple[int, object]:
     """(rank, failure) of the process that failed first. Once one has failed, torch stops the
-    node's others with SIGTERM and books them as failures too, often within the same second
-    (timestamps are whole seconds): among ties, those SIGTERMs come last, exit codes before them."""
-    def order(rank):
-        f = failures[rank]
-        return f.timestamp, f.exitcode == -signal.SIGTERM, f.exitcode >= 0, rank
-    rank = min(failures, key=order)
-    return rank, failures[rank]
+    node's others (SIGTERM) and books them as failures too, after the ones it found dead: the
+    first booked is the cause. (torch's own "root cause" takes the earliest timestamp, whole
+    seconds, and so often names a process it stopped itself.)"""
+    return next(iter(failures.items()))
 
 
 def cause(failures: dict) -> str:
