@@ -39,17 +39,26 @@ def describe(failure) -> str:
         return f"was killed by {failure.signal_name()}"
     # The trainer writes its error into torch elastic's error file (trainer/__main__.py); without
     # one, torch's message is only a pointer to its docs.
-    message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+    message = _message(failure)
     first = message.strip().splitlines()[0][:300] if os.path.isfile(failure.error_file) and message.strip() else ""
     return f"exited with {failure.exitcode}" + (f": {first}" if first else "")
 
 
+def _message(failure) -> str:
+    return failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+
+
 def first_failure(failures: dict) -> tuple[int, object]:
-    """(rank, failure) of the process that failed first. Once one has failed, torch stops the
-    node's others (SIGTERM) and books them as failures too, after the ones it found dead: the
-    first booked is the cause. (torch's own "root cause" takes the earliest timestamp, whole
-    seconds, and so often names a process it stopped itself.)"""
-    return next(iter(failures.items()))
+    """(rank, failure) of the process whose failure caused the others. Once one has failed, torch
+    stops the node's others (SIGTERM) and books them after the ones it found dead; among those,
+    a process that failed because a peer vanished (gloo: "Connection reset by peer") is a
+    consequence, however early. (torch's own "root cause" takes the earliest timestamp, whole
+    seconds, and so often names one of those.)"""
+    def lost_peer(f) -> bool:
+        return os.path.isfile(f.error_file) and "by peer" in _message(f)
+    ranks = list(failures)
+    rank = min(ranks, key=lambda r: (lost_peer(failures[r]), ranks.index(r)))
+    return rank, failures[rank]
 
 
 def cause(failures: dict) -> str:

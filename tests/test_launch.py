@@ -148,14 +148,20 @@ def test_the_cause_is_the_first_failure_not_the_processes_torch_stopped(tmp_path
     stopped = ProcessFailure(local_rank=0, pid=10, exitcode=-15, error_file="<N/A>")
     stopped.timestamp = killed.timestamp
     assert cause({3: killed, 2: stopped}) == "rank 3 was killed by SIGKILL"
-    error_file = tmp_path / "error.json"
-    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
-    try:
-        raise ConfigError("unknown config key 'a.b'")
-    except ConfigError as e:
-        record_for_launcher(e)
-    failed = ProcessFailure(local_rank=0, pid=12, exitcode=2, error_file=str(error_file))
-    assert cause({0: failed}) == "rank 0 exited with 2: ConfigError: unknown config key 'a.b'"
+
+    def failed(error: Exception, rank: int) -> ProcessFailure:
+        error_file = tmp_path / f"error{rank}.json"
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        try:
+            raise error
+        except type(error) as e:
+            record_for_launcher(e)
+        return ProcessFailure(local_rank=rank, pid=12, exitcode=2, error_file=str(error_file))
+    assert cause({0: failed(ConfigError("unknown config key 'a.b'"), 0)}) == \
+        "rank 0 exited with 2: ConfigError: unknown config key 'a.b'"
+    # Found dead at the same poll, the process that lost its peer is not the cause, though booked first.
+    lost = failed(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"), 0)
+    assert cause({2: lost, 3: killed}) == "rank 3 was killed by SIGKILL"
     assert cause({0: ProcessFailure(local_rank=0, pid=13, exitcode=1, error_file="<N/A>")}) == "rank 0 exited with 1"
 
 
