@@ -66,7 +66,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         """The uninterrupted run's records: what a resume redid is dropped (the records after
-        the checkpoint it resumed from), and so are the resume/stop/preempt events."""
+        the checkpoint it resumed from), and so are the lifecycle events (LIFECYCLE)."""
         kept: list[tuple[int, dict]] = []
         for offset, record in _read_jsonl_offsets(self.metrics):
             if record.get("event") == "resume":
