@@ -38,7 +38,11 @@ def cmd_train(a) -> int:
         print("\n".join(describe()))
         return 0
     from trainer.__main__ import main as train_main
-    return train_main(a.config)
+    from trainer.errors import exit_process
+    code = train_main(a.config)
+    if "LOCAL_RANK" in os.environ:  # one process of a launched job: leave as `python -m trainer` does
+        exit_process(code)
+    return code
 
 
 def cmd_data(a) -> int:

@@ -11,6 +11,14 @@ matching launcher. Conventions that are easy to get wrong (REFERENCE.md):
   `--deepspeed_multinode_launcher standard` (the default, pdsh, starts one process).
 - Rendezvous: static by default (every node knows the head's address and its own rank);
   `--rdzv c10d` for torch's dynamic rendezvous.
+- Restarts (`--max-restarts N`): torch elastic restarts a node's workers when one fails. Only
+  the c10d rendezvous makes that a restart of the job: a failed node opens a new round, and
+  every other node's agent sees it waiting and restarts its own workers into it. A static
+  rendezvous restarts only the local node's workers, into the same store, where the dead
+  round's keys (rank 0's gloo address) still sit: they connect to a dead address and fail
+  again, or hang. So restarts run on c10d, with the head node hosting the store (two "nodes"
+  on one host would both claim it) and a fresh store for the workers of every round
+  (TORCH_DISABLE_SHARE_RDZV_TCP_STORE: torch's shared one keeps the dead round's keys too).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainer.errors import EXIT_USAGE, message
 from trainer.resources import resource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,14 +62,22 @@ def _config_deepspeed(config_path, overrides) -> str:
 
 def compose(config_path, overrides=(), *, nodes: int = 1, node_rank: int = 0, main_ip: str = "127.0.0.1",
             main_port: int = 29500, gpus_per_node: int | None = None, deepspeed: str | None = None,
-            cpu: bool | None = None, rdzv: str = "static", module: str = "trainer") -> tuple[list[str], dict]:
+            cpu: bool | None = None, rdzv: str | None = None, module: str = "trainer",
+            max_restarts: int = 0) -> tuple[list[str], dict]:
     """(argv, env): the command for node `node_rank` and the environment changes it needs
     (a value of None means: unset). `deepspeed=None` takes distributed.deepspeed from the
     config; `gpus_per_node=None` is the visible GPU count (1 on CPU); `cpu=None` detects.
-    `module` is what every process runs (`python -m MODULE CONFIG overrides`)."""
+    `module` is what every process runs (`python -m MODULE CONFIG overrides`). `rdzv=None` is
+    static, or c10d when `max_restarts` > 0 (the module docstring says why)."""
     overrides = list(overrides)
     if nodes < 1 or not 0 <= node_rank < nodes:
         raise ValueError(f"nodes={nodes}, node_rank={node_rank}: need nodes >= 1 and 0 <= node_rank < nodes")
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts={max_restarts}: need >= 0")
+    rdzv = rdzv or ("c10d" if max_restarts else "static")
+    if rdzv == "static" and max_restarts:
+        raise ValueError(f"--max-restarts {max_restarts} needs the c10d rendezvous: a static one restarts only "
+                         f"this node's workers, into a store that still holds the failed round's addresses")
     if deepspeed in ("none", ""):
         deepspeed = "none"
     if deepspeed is None:
@@ -87,8 +104,15 @@ def compose(config_path, overrides=(), *, nodes: int = 1, node_rank: int = 0, ma
             "--num_machines", str(nodes), "--machine_rank", str(node_rank),
             "--main_process_ip", main_ip, "--main_process_port", str(main_port),
             "--num_processes", str(total), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--rdzv_backend", rdzv]
+            "--rdzv_backend", rdzv, "--max_restarts", str(max_restarts)]
     env: dict[str, str | None] = {}
+    if rdzv == "c10d":
+        argv += ["--rdzv_conf", f"is_host={'true' if node_rank == 0 else 'false'}"]
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        # Accelerate passes the endpoint to torchrun for several machines only; on one, torchrun
+        # would take its default (localhost:29400, shared by every job on the machine). torchrun
+        # reads its flags' defaults from PET_* variables.
+        env["PET_RDZV_ENDPOINT"] = f"{main_ip}:{main_port}"
     if use_ds:
         argv += ["--use_deepspeed", "--deepspeed_config_file", str(DEEPSPEED_CONFIGS / f"{deepspeed}.json"),
                  "--deepspeed_multinode_launcher", "standard"]
@@ -161,16 +185,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes per machine (GPUs; on a CPU-only machine: processes). Default: visible GPUs, else 1")
     p.add_argument("--deepspeed", choices=["none", *DEEPSPEED_CHOICES], default=None,
                    help="ZeRO stage (default: distributed.deepspeed from the config)")
-    p.add_argument("--rdzv", choices=["static", "c10d"], default="static", help="torch rendezvous backend")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart every node's processes from the newest complete checkpoint when one fails, "
+                   "up to N times (torch elastic, c10d rendezvous)")
+    p.add_argument("--rdzv", choices=["static", "c10d"], default=None,
+                   help="torch rendezvous backend (default: static, c10d with --max-restarts)")
     p.add_argument("--print", action="store_true", help="print the command instead of running it")
 
 
 def main(a: argparse.Namespace) -> int:
     items = list(a.config)
     config_path, overrides = (items[0], items[1:]) if items and "=" not in items[0] else (None, items)
-    argv, env = compose(config_path, overrides, nodes=a.nodes, node_rank=a.node_rank, main_ip=a.main_ip,
-                        main_port=a.main_port, gpus_per_node=a.gpus_per_node, deepspeed=a.deepspeed,
-                        rdzv=a.rdzv)
+    try:
+        argv, env = compose(config_path, overrides, nodes=a.nodes, node_rank=a.node_rank, main_ip=a.main_ip,
+                            main_port=a.main_port, gpus_per_node=a.gpus_per_node, deepspeed=a.deepspeed,
+                            rdzv=a.rdzv, max_restarts=a.max_restarts)
+    except ValueError as e:  # a config error is a ValueError too, and keeps its own prefix
+        print(message(e), file=sys.stderr)
+        return EXIT_USAGE
     if a.print:
         print(shell_line(argv, env))
         return 0

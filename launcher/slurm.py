@@ -28,6 +28,9 @@ TEMPLATE = resource("slurm", "train.sbatch")
 DEEPSPEED_CHOICES = ("zero1", "zero2", "zero3")
 SIGNAL_SECONDS = 300  # warning before the time limit: one optimizer step plus a checkpoint
 MAX_REQUEUES = 20  # requeues after preemption; a crash never requeues
+# Restarts in place after a failure (a dead rank, a node's process killed): torch elastic's, in
+# `lrpt launch`, inside the allocation; an unattended job takes a few by default.
+MAX_RESTARTS = 3
 
 
 def lrpt_command() -> str:
@@ -70,15 +73,18 @@ def render(config_path: str | None, overrides: list[str] | tuple[str, ...] = (),
            time: str | None = None, account: str | None = None, cpus_per_task: int | None = None,
            extra_sbatch: list[str] | tuple[str, ...] = (), setup_lines: list[str] | tuple[str, ...] = (),
            signal_seconds: int = SIGNAL_SECONDS, max_requeues: int = MAX_REQUEUES,
-           run_dir: str | Path, job_name: str | None = None, gpus: bool = True,
-           lrpt: str | None = None) -> str:
+           max_restarts: int = MAX_RESTARTS, run_dir: str | Path, job_name: str | None = None,
+           gpus: bool = True, lrpt: str | None = None) -> str:
     """The batch script for one run. `gpus_per_node` is processes per node; `gpus=False`
     requests no GPUs (a CPU partition). `cpus_per_task=None` takes whole nodes (--exclusive).
+    `max_restarts` is `lrpt launch --max-restarts`: failures restarted in place, per job start.
     `extra_sbatch` are extra `#SBATCH` options (e.g. "--qos=high"); `setup_lines` run first on
     the batch node (module loads, `source venv/bin/activate`, ...). `lrpt` is the command that
     runs `lrpt launch` (default: this environment's `lrpt`)."""
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"nodes={nodes}, gpus_per_node={gpus_per_node}: both must be >= 1")
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts={max_restarts}: need >= 0")
     if deepspeed in ("none", ""):
         deepspeed = None
     if deepspeed is not None and deepspeed not in DEEPSPEED_CHOICES:
@@ -108,6 +114,8 @@ def render(config_path: str | None, overrides: list[str] | tuple[str, ...] = (),
     launch += [*overrides, f"run.dir={run_dir}", "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
     if deepspeed:
         launch += ["--deepspeed", deepspeed]
+    if max_restarts:
+        launch += ["--max-restarts", str(max_restarts)]
     what = (f"{nodes} node(s) x {gpus_per_node} {'GPU(s)' if gpus else 'process(es)'}"
             + (f", DeepSpeed {deepspeed}" if deepspeed else ", engine as distributed.deepspeed in the config"))
     values = {
@@ -233,7 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="shell line run first in the job, e.g. 'module load cuda' (repeatable)")
     s.add_argument("--signal-seconds", type=int, default=SIGNAL_SECONDS,
                    help="warn (USR1) this long before the time limit: checkpoint and requeue")
-    s.add_argument("--max-requeues", type=int, default=MAX_REQUEUES)
+    s.add_argument("--max-requeues", type=int, default=MAX_REQUEUES, help="requeues after preemption")
+    s.add_argument("--max-restarts", type=int, default=MAX_RESTARTS,
+                   help="restarts in place after a failure (lrpt launch --max-restarts), per job start")
     s.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
     st = sub.add_parser("status", help="job state (scontrol) and the last metrics record of a run")
     st.add_argument("run_dir")
@@ -248,7 +258,7 @@ def main(a: argparse.Namespace) -> int:
     kw = dict(nodes=a.nodes, gpus_per_node=a.gpus_per_node, deepspeed=a.deepspeed, partition=a.partition,
               time=a.time, account=a.account, cpus_per_task=a.cpus_per_task, extra_sbatch=a.sbatch,
               setup_lines=a.setup, signal_seconds=a.signal_seconds, max_requeues=a.max_requeues,
-              job_name=a.job_name)
+              max_restarts=a.max_restarts, job_name=a.job_name)
     if a.dry_run:
         print(prepare(config_path, overrides, **kw)[1], end="")
         return 0

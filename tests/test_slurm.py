@@ -7,7 +7,9 @@ Multi-process starts cost 10-15 s each here, so each job checks several things.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from launcher import slurm
+from trainer import rundir
 
 try:  # the session fixture (tests/ on sys.path, pytest's default "prepend" import mode)
     from slurm_cluster import slurm_cluster  # noqa: F401
@@ -59,7 +62,7 @@ def test_render_deepspeed_4x8(tmp_path):
     launch = srun[srun.index(" launch "):]
     config = str((Path.cwd() / "configs/experiments/relora-130m.yaml").resolve())
     assert f"launch {config} strategy.rank=128 train.seed=7 run.dir={run_dir} " in launch
-    assert "--nodes 4 --gpus-per-node 8 --deepspeed zero2" in launch
+    assert "--nodes 4 --gpus-per-node 8 --deepspeed zero2 --max-restarts 3" in launch  # restarts in place by default
     assert '--main-ip "$MAIN_IP" --main-port "$MAIN_PORT"' in launch
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in text
     assert "NodeAddr=" in text
@@ -74,7 +77,8 @@ def test_render_deepspeed_4x8(tmp_path):
 
 def test_render_cpu_quoting_and_cli_dry_run(tmp_path, monkeypatch, capsys):
     text = slurm.render(None, ["data.source=/data/my corpus", "run.dir=/ignored"], nodes=2, gpus_per_node=3,
-                        gpus=False, cpus_per_task=4, run_dir=tmp_path / "r")
+                        gpus=False, cpus_per_task=4, max_restarts=0, run_dir=tmp_path / "r")
+    assert "--max-restarts" not in text[text.index("\nsrun "):]  # the launch line
     assert "--gpus-per-node=" not in text.split("\nset -uo")[0]  # no GPU request on a CPU partition
     assert "#SBATCH --cpus-per-task=4" in text and "--exclusive" not in text
     assert "'data.source=/data/my corpus'" in text and "/ignored" not in text
@@ -88,10 +92,10 @@ def test_render_cpu_quoting_and_cli_dry_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(slurm, "partition_has_gpus", lambda partition, env=None: None)
     rc = cli.main(["slurm", "submit", "--dry-run", "model.name=micro", "run.dir=runs/x", "--nodes", "4",
-                   "--gpus-per-node", "8", "--deepspeed", "zero2"])
+                   "--gpus-per-node", "8", "--deepspeed", "zero2", "--max-restarts", "5"])
     out = capsys.readouterr().out
     assert rc == 0 and out.startswith("#!/bin/bash")
-    assert f"run.dir={tmp_path}/runs/x " in out and "--deepspeed zero2" in out
+    assert f"run.dir={tmp_path}/runs/x " in out and "--deepspeed zero2 --max-restarts 5" in out
     assert not (tmp_path / "runs").exists()
 
 
@@ -130,7 +134,7 @@ p = argparse.ArgumentParser()
 p.add_argument("verb"); p.add_argument("items", nargs="*")
 for f in ("--nodes", "--gpus-per-node", "--node-rank", "--main-port"):
     p.add_argument(f, type=int)
-p.add_argument("--main-ip"); p.add_argument("--deepspeed")
+p.add_argument("--main-ip"); p.add_argument("--deepspeed"); p.add_argument("--max-restarts", type=int)
 a = p.parse_args()
 kv = dict(i.split("=", 1) for i in a.items if "=" in i)
 os.environ["ACCELERATE_USE_CPU"] = "1"
@@ -230,16 +234,22 @@ def _need_launcher():
 
 
 # Small and quick: ~1M parameters; a ReLoRA merge every 10 steps, so a resume crosses merges.
+# No logging.progress=false: a job's log is a file, which gets the periodic lines and no bar.
 TRAIN = ["model.name=micro", "strategy.name=relora", "strategy.rank=4", "strategy.reset_every=10",
          "strategy.restart_warmup=2", "train.max_steps=40", "data.batch_size=4", "data.seq_len=64",
          "logging.log_every=1", "logging.eval_every=0", "logging.eval_batches=2", "logging.tensorboard=false",
-         "logging.progress=false", "checkpoint.every=1000"]
+         "checkpoint.every=10"]
+# How the 2 nodes x 2 processes jobs (the reference and the fault job) synchronise: DiLoCo with
+# a worker per node (DDP inside each node, the outer step across them). H divides
+# strategy.reset_every=10, so ReLoRA merges at outer syncs and a preemption lands mid-cycle.
+SYNC_2X2 = ["distributed.sync=diloco", "distributed.diloco_inner_steps=5", "distributed.diloco_worker=node"]
 
 
-def _lrpt_submit(cluster, cache: Path, cwd: Path, run_dir: Path, *args: str) -> int:
+def _lrpt_submit(cluster, cache: Path, cwd: Path, run_dir: Path, *args: str, procs: int = 1,
+                 train: list[str] = TRAIN) -> int:
     """`lrpt slurm submit` as a user types it (sbatch exports this environment to the job)."""
-    cmd = [sys.executable, "-m", "launcher.cli", "slurm", "submit", *TRAIN, f"run.dir={run_dir}",
-           "--nodes", "2", "--gpus-per-node", "1", *args]
+    cmd = [sys.executable, "-m", "launcher.cli", "slurm", "submit", *train, f"run.dir={run_dir}",
+           "--nodes", "2", "--gpus-per-node", str(procs), *args]
     r = cluster.run(cmd, cwd=cwd, check=False, env=dict(cluster.env, LRPT_CACHE=str(cache)))
     assert r.returncode == 0, r.stdout + r.stderr
     m = re.search(r"submitted job (\d+)", r.stdout)
@@ -256,7 +266,8 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in _records(run_dir) if "loss" in r}
+    """The uninterrupted run's curve (records a restart redid are dropped)."""
+    return {r["step"]: r["loss"] for r in rundir.RunDir(run_dir).read_metrics() if "loss" in r}
 
 
 def _finish(cluster, job: int, run_dir: Path, timeout: float) -> dict:
@@ -266,31 +277,59 @@ def _finish(cluster, job: int, run_dir: Path, timeout: float) -> dict:
     return info
 
 
-def _check_distributed(run_dir: Path) -> None:
-    train = [r for r in _records(run_dir) if "loss" in r]
+def _check_distributed(run_dir: Path, world: int) -> None:
+    train = [r for r in rundir.RunDir(run_dir).read_metrics() if "loss" in r]
     assert train and train[-1]["step"] == 40
-    assert all(r["world_size"] == 2 for r in train)  # both nodes' ranks in one job
-    assert all(r["comm_bytes"] > 0 for r in train)  # gradients crossed between the "nodes"
+    assert all(r["world_size"] == world for r in train)  # both nodes' ranks in one job
+    # Gradients crossed between the "nodes": every step, or every outer step of DiLoCo (H <= 5).
+    assert all(any(r["comm_bytes"] > 0 for r in train[i:i + 5]) for i in range(0, len(train), 5)), train
     assert train[-1]["comm_bytes_total"] >= sum(r["comm_bytes"] for r in train)
+
+
+def _wait_for(what: str, ok, cluster, job: int, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), \
+            f"waiting for {what}\n" + (log.read_text() if log.exists() else "") + cluster.logs()
+        time.sleep(0.1)
+
+
+def _workers(run_dir: Path) -> dict[int, tuple[int, dict]]:
+    """The run's training processes on this host (every "node" is this host), as torch elastic
+    started them (`python -u -m trainer ... run.dir=RUN`): {rank: (pid, environment)}."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            if cmd[1:4] != [b"-u", b"-m", b"trainer"] or f"run.dir={run_dir}".encode() not in cmd:
+                continue
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
+        except (OSError, IndexError, ValueError):
+            continue  # not a process, or gone meanwhile
+        if "RANK" in env:
+            found[int(env["RANK"])] = (int(proc.name), env)
+    return found
 
 
 @pytest.fixture(scope="module")
 def ddp_run(slurm_cluster, lrpt_cache, tmp_path_factory):
-    """One uninterrupted two-node DDP run, shared by the tests below."""
+    """One uninterrupted run, 2 nodes x 2 processes: the reference for the fault job below."""
     _need_launcher()
     base = tmp_path_factory.mktemp("slurm-ddp")
     run_dir = base / "run"
     t0 = time.monotonic()
-    job = _lrpt_submit(slurm_cluster, lrpt_cache, base, run_dir)
-    _finish(slurm_cluster, job, run_dir, timeout=400)
-    print(f"2-node DDP job: {time.monotonic() - t0:.1f}s")
+    job = _lrpt_submit(slurm_cluster, lrpt_cache, base, run_dir, procs=2, train=TRAIN + SYNC_2X2)
+    _finish(slurm_cluster, job, run_dir, timeout=500)
+    print(f"2x2 uninterrupted job: {time.monotonic() - t0:.1f}s")
     return run_dir, job
 
 
 @pytest.mark.timeout(900)
-def test_submit_two_nodes_ddp(ddp_run, slurm_cluster):
+def test_submit_two_nodes_two_processes(ddp_run, slurm_cluster):
     run_dir, job = ddp_run
-    _check_distributed(run_dir)
+    _check_distributed(run_dir, world=4)
+    text = (run_dir / f"slurm-{job}.out").read_text()
+    assert "\r" not in text and text.count("step 40/40 | loss") == 1, text[-3000:]  # lines, no bar frames
     r = slurm_cluster.run([sys.executable, "-m", "launcher.cli", "slurm", "status", str(run_dir)])
     assert f"job {job}: COMPLETED" in r.stdout and '"step": 40' in r.stdout
 
@@ -303,42 +342,66 @@ def test_submit_two_nodes_deepspeed_zero2(slurm_cluster, lrpt_cache, tmp_path):
     job = _lrpt_submit(slurm_cluster, lrpt_cache, tmp_path, run_dir, "--deepspeed", "zero2")
     _finish(slurm_cluster, job, run_dir, timeout=560)
     print(f"2-node DeepSpeed ZeRO-2 job: {time.monotonic() - t0:.1f}s")
-    _check_distributed(run_dir)
+    _check_distributed(run_dir, world=2)
     assert "--deepspeed zero2" in (run_dir / "slurm.sbatch").read_text()
 
 
-@pytest.mark.timeout(900)
-def test_preempt_requeue_resume_matches_uninterrupted(ddp_run, slurm_cluster, lrpt_cache, tmp_path):
-    """The USR1 warning mid-run: checkpoint, exit 85, requeue, resume; the losses equal the
-    uninterrupted run's step for step."""
+@pytest.mark.timeout(1200)
+def test_killed_rank_restarts_in_place_then_preempted_requeued_matches_uninterrupted(
+        ddp_run, slurm_cluster, lrpt_cache, tmp_path):
+    """One 2 nodes x 2 processes job, two faults. Rank 3 (second node) is killed with -9 after
+    step 12: every node's processes restart in place (lrpt launch --max-restarts, the job's
+    default) from checkpoint 10. Mid-run after that, the USR1 warning: checkpoint, requeue,
+    resume. The losses equal the uninterrupted run's step for step."""
     reference, _ = ddp_run
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
-    job = _lrpt_submit(slurm_cluster, lrpt_cache, tmp_path, run_dir)
+    job = _lrpt_submit(slurm_cluster, lrpt_cache, tmp_path, run_dir, procs=2, train=TRAIN + SYNC_2X2)
     log = run_dir / f"slurm-{job}.out"
-    deadline = time.monotonic() + 200
-    while not any(r.get("step", 0) >= 3 for r in _records(run_dir)):
-        assert time.monotonic() < deadline and slurm_cluster.job_state(job) in ("PENDING", "RUNNING"), \
-            (log.read_text() if log.exists() else "") + slurm_cluster.logs()
-        time.sleep(0.1)
+    _wait_for("step 12", lambda: any(r.get("step", 0) >= 12 for r in _records(run_dir)), slurm_cluster, job, log)
+    # Every process got its node's topology from the launcher (LOCAL_WORLD_SIZE, GROUP_RANK).
+    workers = _workers(run_dir)
+    assert sorted(workers) == [0, 1, 2, 3], workers
+    for rank, (_, env) in workers.items():
+        assert (env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"], env["GROUP_WORLD_SIZE"]) == ("4", "2", "2")
+        assert (int(env["GROUP_RANK"]), int(env["LOCAL_RANK"])) == divmod(rank, 2)
+    os.kill(workers[3][0], signal.SIGKILL)
+    killed = time.monotonic()
+
+    def restarted_and_on(step):
+        raw = _records(run_dir)
+        i = next((i for i, r in enumerate(raw) if r.get("event") == "restart"), None)
+        return i is not None and any(r.get("step", 0) >= step for r in raw[i:] if "loss" in r)
+    _wait_for("the restart, then step 22", lambda: restarted_and_on(22), slurm_cluster, job, log)
+    restart_s = time.monotonic() - killed
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
-    info = _finish(slurm_cluster, job, run_dir, timeout=400)
-    print(f"preempted + requeued 2-node job: {time.monotonic() - t0:.1f}s")
+    info = _finish(slurm_cluster, job, run_dir, timeout=500)
+    print(f"2x2 job, kill -9 + restart in place + preempt + requeue: {time.monotonic() - t0:.1f}s "
+          f"(kill to step 22 after the restart: {restart_s:.1f}s)")
     text = log.read_text()
-    assert info["Restarts"] == "1", text
-    # A requested stop looks like one: no tracebacks from torch's elastic agent, no failed step.
+    assert info["Restarts"] == "1", text  # one requeue: the kill was handled inside the job
+    # The restart: a line from the node that lost a rank, naming it and the signal (the other node
+    # has one too if its own processes failed before it saw the new round), and one from the trainer.
+    lrpt = [line for line in text.splitlines() if line.startswith("[lrpt] ")]
+    assert all(re.fullmatch(r"\[lrpt\] node [01]: rank \d (.*); restart 1 of at most 3: every node's processes "
+                            r"start again from the newest complete checkpoint", line) for line in lrpt), lrpt
+    assert len(lrpt) <= 2 and sum("rank 3 was killed by SIGKILL" in line for line in lrpt) == 1, lrpt
+    assert text.count("restart 1 of at most 3: resumed from") == 1, text
+    events = [(r["event"], r["step"]) for r in _records(run_dir) if r.get("event") in ("restart", "resume", "preempt")]
+    assert [e for e, _ in events] == ["restart", "resume", "preempt", "resume"], events
+    assert events[0][1] == events[1][1] in (10, 20) and 22 <= events[2][1] == events[3][1] < 40, events
+    # From the restart on, a requested stop looks like one: no tracebacks, no failed step.
+    after = text[text.index("restart 1 of at most 3: resumed from"):]
     for crash in ("Traceback", "ChildFailedError", "srun: error", "exit code 1", "FutureWarning"):
-        assert crash not in text, text
+        assert crash not in after, after
     assert "launch exited with 0 (preempt signal: 1, preempted file: 1)" in text, text
     assert "preempted: requeue 1 of at most" in text and text.count("run finished") == 1, text
     assert not (run_dir / "preempted").exists()  # removed when the requeued job started
-    events = [r for r in _records(run_dir) if r.get("event") == "preempt"]
-    assert len(events) == 1 and 3 <= events[0]["step"] < 40, text
-    # Console lines come from global rank 0 only, not once per node.
-    assert text.count("done: 40 steps") == 1 and text.count("resumed from") == 1, text
+    # Console lines come from global rank 0 only, not once per node; lines, not bar frames.
+    assert text.count("done: 40 steps") == 1 and text.count("resumed from") == 2 and "\r" not in text, text
     status = slurm.status(run_dir, env=slurm_cluster.env)
-    assert '"event": "resume"' in status.splitlines()[-1] and "(2 in all)" in status, status
-    _check_distributed(run_dir)
+    assert '"event": "resume"' in status.splitlines()[-1] and "(4 in all)" in status, status
+    _check_distributed(run_dir, world=4)
     got, want = _losses(run_dir), _losses(reference)
     assert sorted(got) == sorted(want) == list(range(1, 41))
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7)

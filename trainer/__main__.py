@@ -27,7 +27,9 @@ def _stop_during_startup(signum, frame):
     print(f"error: stopped by {signal.Signals(signum).name} during start-up, before the first step: "
           f"nothing to save; run the same command to start again", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(EXIT_PREEMPTED)
+    # Under a batch script (LRPT_PREEMPT_EXIT, see _mark_preempted) the script saw the signal
+    # itself and requeues; exit 85 would make torch elastic restart this process instead.
+    os._exit(int(os.environ.get("LRPT_PREEMPT_EXIT", EXIT_PREEMPTED)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,17 +66,21 @@ def _mark_preempted(run_dir: str, code: int) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from trainer.errors import Preempted, exit_code, message
+    from trainer.errors import Preempted, exit_code, message, record_for_launcher
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         from trainer.config import load_config
-        from trainer.loop import train
 
         path, overrides = split_config_args(argv)
-        train(load_config(path, overrides))
+        cfg = load_config(path, overrides)  # before torch is imported: a typo costs a second, not ten
+        from trainer.loop import train
+
+        train(cfg)
     except Exception as e:  # noqa: BLE001 - mapped to one line and an exit code, or re-raised
         code = exit_code(e)
+        if code != EXIT_PREEMPTED:
+            record_for_launcher(e)
         if code is None:
             raise
         if code != EXIT_PREEMPTED:  # a preemption has already said what it did

@@ -104,8 +104,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_deepspeed() -> str | None:
+    """The ZeRO stage `accelerate launch --use_deepspeed` set up for this process (from its
+    environment: --zero_stage, else the stage in --deepspeed_config_file, else Accelerate's
+    default 2), or None when it was launched without DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    stage, path = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"), os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage is None and path and os.path.isfile(path):
+        stage = json.loads(open(path).read()).get("zero_optimization", {}).get("stage")
+    return f"zero{2 if stage is None else stage}"
+
+
 def build_accelerator(cfg):
-    """The Accelerator for this process (see the module docstring for the traps)."""
+    """The Accelerator for this process (see the module docstring for the traps). The engine is
+    the config's distributed.deepspeed, or the launcher's DeepSpeed stage where the config names
+    none (the resolved config then records it); a config and a launcher that disagree stop."""
+    launched = launcher_deepspeed()
+    if launched and launched != cfg.distributed.deepspeed:
+        if "distributed.deepspeed" in cfg.set_keys:
+            raise DistributedError(f"launched with DeepSpeed {launched} (accelerate launch --use_deepspeed) but the "
+                                   f"config says distributed.deepspeed={cfg.distributed.deepspeed}: drop one of them")
+        cfg.distributed.deepspeed = launched
+        cfg.validate()  # what composes with it (hooks, DiLoCo) was checked against the old engine
     # torch deprecates broadcast_buffers=False (set below, on purpose) for a replacement that Accelerate does not pass yet.
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     device = resolve_device(cfg)
@@ -143,9 +164,6 @@ def build_accelerator(cfg):
                               deepspeed_plugin=plugin, kwargs_handlers=handlers)
             comm.instrument_deepspeed()
         else:
-            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-                warnings.warn("launched with DeepSpeed but distributed.deepspeed=none: training with DDP")
-                os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
             # A plain single process has no process group: a backend handler would make
             # Accelerate query one that was never initialised.
             single = "LOCAL_RANK" not in os.environ and launched_world == 1

@@ -7,8 +7,11 @@ One map from exception to exit code serves `lrpt train`, `python -m trainer` and
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
+import time
+import traceback
 import warnings
 
 EXIT_OK = 0
@@ -73,6 +76,19 @@ def exit_code(exc: BaseException) -> int | None:
 def message(exc: BaseException) -> str:
     """The one line printed for `exc` (config errors say so, the rest are plain errors)."""
     return f"{'config error' if isinstance(exc, ConfigError) else 'error'}: {exc}"
+
+
+def record_for_launcher(exc: BaseException) -> None:
+    """Under torch elastic (lrpt launch, accelerate launch, torchrun), write why this process
+    failed into the error file the agent named (TORCHELASTIC_ERROR_FILE): its report of the
+    failed rank then gives the cause instead of "To enable traceback see ...". The format is
+    torch's (ErrorHandler.record_exception), written here without importing torch."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump({"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
+            "py_callstack": "".join(traceback.format_exception(exc)), "timestamp": str(int(time.time()))}}}, f)
 
 
 _OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -31,7 +31,7 @@ from trainer.evaluate import minimal_pairs_record, validation_batches, validatio
 from trainer.memory import MemoryProbe
 from trainer.model import build_model
 from trainer.ranks import all_reduce_sum, broadcast_str, say
-from trainer.resume import open_run_dir
+from trainer.resume import elastic_restart, mark_start, open_run_dir
 from trainer.rundir import RunDir, default_run_dir
 from trainer.strategies import build_strategy
 from trainer.strategies.base import StepContext
@@ -122,18 +122,17 @@ class Trainer:
         self.resumed_metrics_offset = 0  # a start over redoes every record already there
         self.saver = ckpt.Checkpointer(self.run.checkpoints, cfg.checkpoint.keep, cfg.checkpoint.async_, self.rank,
                                        self.world, cfg.distributed.timeout_s)
+        restart = elastic_restart()
         if resume_from is not None:
             ckpt.load(self, resume_from, self.saver.group)
-            say(acc, f"resumed from {resume_from} at step {self.state.step}")
+        if restart or resume_from is not None:
+            say(acc, (f"restart {restart[0]} of at most {restart[1]}: " if restart else "") +
+                (f"resumed from {resume_from} at step {self.state.step}" if resume_from else "no checkpoint yet"))
         if opened["changed"]:
             say(acc, "resuming with changed settings: " + ", ".join(
                 f"{k} {a!r} -> {b!r}" for k, (a, b) in opened["changed"].items()))
-        if acc.is_main_process and opened["had_records"]:
-            # Marks what a reader must drop: the records written after the checkpoint (view: RunDir.read_metrics).
-            self.run.end_cut_line()
-            self.run.append_metrics({"step": self.state.step, "tokens": self.state.tokens, "event": "resume",
-                                     "from": resume_from.name if resume_from else None,
-                                     "metrics_offset": self.resumed_metrics_offset, "changed": opened["changed"]})
+        if acc.is_main_process:
+            mark_start(self.run, opened, self.state, resume_from, self.resumed_metrics_offset, restart)
 
         if acc.is_main_process:  # accelerator.log and end_training then reach them
             acc.trackers += build_trackers(cfg, self.run)
@@ -266,9 +265,11 @@ class Trainer:
         stop = _StopFlag()
         ctx = StepContext(engine=self.engine, max_steps=cfg.train.max_steps)
         bar = None
-        if acc.is_main_process and cfg.logging.progress:
+        # A bar only for a terminal: in a file (a SLURM log) each redraw is one more line.
+        if acc.is_main_process and cfg.logging.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.train.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
+        console = bar.write if bar is not None else (lambda line: say(acc, line))
         window_loss, window_steps, window_t0 = st.window_loss, st.window_steps, time.perf_counter()
         window_guard_s = 0.0  # rank checks in this window: timed apart, not training
         if st.step == 0:
@@ -313,11 +314,7 @@ class Trainer:
             if event:
                 self.sync.reanchor(self.engine)
             if event in ("merge", "rewrap"):  # rare and worth seeing; switches happen most steps
-                note = f"step {st.step}: {event}"
-                if bar is not None:
-                    bar.write(note)
-                else:
-                    say(acc, note)
+                console(f"step {st.step}: {event}")
             # Ranks are compared after merges and every guard_every steps, not after each
             # switch (most steps early on); the check's time is kept out of the step's.
             guard_every = cfg.distributed.guard_every
@@ -351,15 +348,15 @@ class Trainer:
                               comm_time_s=popped["sync"]["seconds"], **comm_record_fields(popped),
                               **self.mem.record())
                 self.log(record)
+                eta = round(st.elapsed_s / st.step * (cfg.train.max_steps - st.step))  # the progress in a log file
                 msg = (f"step {st.step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
-                       f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | comm {comm_bytes / 1e6:.2f} MB")
+                       f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | comm {comm_bytes / 1e6:.2f} MB | "
+                       f"eta {eta // 60}m{eta % 60:02d}s")
                 if "val_loss" in record:
                     msg += f" | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    bar.write(msg)
-                else:
-                    say(acc, msg)
+                console(msg)
                 window_loss, window_steps, window_t0, window_guard_s = 0.0, 0, time.perf_counter(), 0.0
             if bar is not None:
                 bar.update(1)

@@ -8,6 +8,7 @@ in the resume event.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 from trainer import checkpoint as ckpt
@@ -82,3 +83,26 @@ def open_run_dir(run: RunDir, cfg: Config, args) -> dict:
     tmp.replace(run.model_json)
     return {"resume_from": str(resume_from) if resume_from else None, "had_records": run.metrics_size() > 0,
             "changed": {k: list(v) for k, v in changed.items()}}
+
+
+def elastic_restart() -> tuple[int, int] | None:
+    """(restart, at most) when torch elastic restarted this job (lrpt launch --max-restarts:
+    launcher/agent.py makes the count the job's on every node), else None."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    return (restart, int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", restart))) if restart else None
+
+
+def mark_start(run: RunDir, opened: dict, state, resume_from, metrics_offset: int,
+               restart: tuple[int, int] | None) -> None:
+    """Rank 0, once the state is loaded: a `restart` event for a restart, and a `resume` event
+    marking what a reader must drop (the records written after the checkpoint; the view is
+    RunDir.read_metrics)."""
+    if not (opened["had_records"] or restart):
+        return
+    run.end_cut_line()
+    at = {"step": state.step, "tokens": state.tokens}
+    if restart:
+        run.append_metrics({**at, "event": "restart", "restart": restart[0], "max_restarts": restart[1]})
+    if opened["had_records"]:
+        run.append_metrics({**at, "event": "resume", "from": resume_from.name if resume_from else None,
+                            "metrics_offset": metrics_offset, "changed": opened["changed"]})

@@ -16,7 +16,7 @@ from pathlib import Path
 from trainer.errors import RunDirError
 
 # Events of a run's life, not of its training: the rebuilt view leaves them out.
-LIFECYCLE = ("resume", "stop", "preempt")
+LIFECYCLE = ("resume", "restart", "stop", "preempt")
 
 # Lock files held by this process: flock belongs to an open file, so a second open of the same
 # file in this process would conflict with the first. Kept open for the process's life.
@@ -66,7 +66,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         """The uninterrupted run's records: what a resume redid is dropped (the records after
-        the checkpoint it resumed from), and so are the resume/stop/preempt events."""
+        the checkpoint it resumed from), and so are the lifecycle events (LIFECYCLE)."""
         kept: list[tuple[int, dict]] = []
         for offset, record in _read_jsonl_offsets(self.metrics):
             if record.get("event") == "resume":
