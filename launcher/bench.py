@@ -193,14 +193,11 @@ LIVE_RSS = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
 def inter_node_bytes(rec: dict, nodes: int) -> float:
     """Bytes that one record's collectives sent from rank 0's node to the others: the trainer's
     own count, `comm/<purpose>_inter_node_bytes` (per node), over every purpose."""
-    if nodes == 1:
-        return 0.0
-    return float(sum(v for k, v in rec.items() if k.startswith("comm/") and k.endswith("_inter_node_bytes")))
+    return _by_link(rec, "inter") if nodes > 1 else 0.0
 
 
-def _wire(rec: dict) -> float:
-    """What rank 0 sent for one record's collectives, every purpose."""
-    return float(sum(v for k, v in rec.items() if k.startswith("comm/") and k.endswith("_wire_bytes")))
+def _by_link(rec: dict, link: str) -> float:
+    return float(sum(v for k, v in rec.items() if k.startswith("comm/") and k.endswith(f"_{link}_node_bytes")))
 
 
 def _link_row(item: str, run: Path, compute_step_s: float, target: float | None, link: str, nodes: int,
@@ -228,14 +225,13 @@ def _link_row(item: str, run: Path, compute_step_s: float, target: float | None,
            "final_val_loss": vals[-1]["val_loss"] if vals else None,
            "time_to_target_s": reached.get("elapsed_s") if reached else None,
            "trainable_share": steps[-1]["trainable_params"] / steps[-1]["total_params"]}
-    # Bytes by link, per node, over every purpose (the kernel sees them all): inter-node as
-    # counted, intra-node the rest of what the node's ranks send (ranks of a node send alike
-    # under every engine), and the kernel's count on the node's veth over the same steps: the
-    # slope of the counter against the step, a least-squares fit over the records, so that a
-    # counter read late (the next step's first bytes gone already) moves it little.
-    wire = sum(_wire(r) for r in timed[1:])
+    # Bytes by link, per node, over every purpose (the kernel sees them all), as the trainer
+    # counted them (the ranks of a node may send unequal amounts: DiLoCo's slices), and the
+    # kernel's count on the node's veth over the same steps: the slope of the counter against
+    # the step, a least-squares fit over the records, so that a counter read late (the next
+    # step's first bytes gone already) moves it little.
     row["inter_node_bytes_per_step"] = sum(inter_node_bytes(r, nodes) for r in timed[1:]) / span
-    row["intra_node_bytes_per_step"] = per_node * wire / span - row["inter_node_bytes_per_step"]
+    row["intra_node_bytes_per_step"] = sum(_by_link(r, "intra") for r in timed[1:]) / span
     at = sorted(s for s in samples or {} if first["step"] <= s <= last["step"])
     by_node = [statistics.linear_regression(at, [samples[s][i] for s in at]).slope
                for i in range(nodes)] if len(at) > 2 else None

@@ -134,7 +134,7 @@ def cmd_frontier(a) -> int:
     from reports import frontier
     gbit = a.bandwidth
     if a.link:
-        from launcher.bench import TC_RATE
+        from launcher.netns import TC_RATE
         m = TC_RATE.match(a.link.lower())
         if not m:
             print(f"error: --link {a.link!r}: expected a rate such as 100mbit, 1gbit or 500kbit", file=sys.stderr)

@@ -293,7 +293,7 @@ def format_table(rows: list[dict]) -> str:
 
     def cell(r, key):
         v = r.get(key)
-        if v is None:
+        if v is None or ("intra_node" in key and r.get("procs_per_node") == 1):  # no link inside a node
             return "-"
         if key in ("saving_vs_full", "comm_share_of_step"):
             return f"{100 * v + 0.0:.1f}%" if abs(v) >= 5e-4 else "0.0%"

@@ -64,8 +64,9 @@ def run(strategy: str, run_dir: Path, *extra: str) -> Path:
 def curve(run_dir: Path) -> list[dict]:
     """The rebuilt view without what depends on the clock (durations, rates) or on the process
     (comm/*: a restart's start-up broadcasts and checkpoint-loading traffic land in the first
-    interval after it; the training payload, comm_bytes, stays)."""
-    return [{k: v for k, v in r.items() if not k.endswith("_s") and not k.startswith("comm/")}
+    interval after it; the training payload, comm_bytes, stays; mem/*: measured in the first
+    record after each engine build, a restart's included)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and not k.startswith(("comm/", "mem/"))}
             for r in RunDir(run_dir).read_metrics()]
 
 

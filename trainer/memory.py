@@ -230,7 +230,7 @@ def model_state(model, groups, strategy, cfg, layout: Layout) -> dict:
     out["candidate_store"] = 0
     if hasattr(strategy, "candidate_memory"):
         from trainer.strategies.switchlora import pool_memory
-        out["candidate_store"] = sum(pool_memory([(m.in_features, m.out_features)], m.rank)["bound_bytes"]
+        out["candidate_store"] = sum(pool_memory([(m.in_features, m.out_features, m.rank)])["bound_bytes"]
                                      for _, m in strategy.adapters)
     return out
 

@@ -144,9 +144,10 @@ class DiLoCo:
 
     @torch.no_grad()
     def _relayout(self, engine) -> None:
-        """The trainable set changed (first call, ReLoRA's warm start ending): slice the new
-        set; parameters that stay trainable keep their anchor and momentum, new ones start
-        from their current value with zero momentum."""
+        """The trainable set changed (first call, ReLoRA's warm start ending, adaptive ranks
+        reshaping adapters): slice the new set; parameters that stay trainable with their shape
+        keep their anchor and momentum, new or reshaped ones start from their current value
+        with zero momentum."""
         named = engine.trainable()
         old = {}
         if self.names:
@@ -161,7 +162,7 @@ class DiLoCo:
             a, b = max(offset, self.start), min(offset + n, self.stop)
             if a >= b:
                 continue
-            if name in old:
+            if name in old and old[name][0].numel() == n:  # a reshaped parameter starts afresh
                 anchors.append(old[name][0][a - offset:b - offset])
                 momenta.append(old[name][1][a - offset:b - offset])
             else:
@@ -178,8 +179,9 @@ class DiLoCo:
         """Take the current weights as the anchor where they differ from it (a strategy edit,
         a newly trainable parameter): the outer momentum of exactly those elements restarts
         at zero, as the edited parameters' inner optimizer state did."""
-        if [n for n, _ in engine.trainable()] != self.names:
-            self._relayout(engine)
+        named = engine.trainable()
+        if [n for n, _ in named] != self.names or [p.numel() for _, p in named] != self.numels:
+            self._relayout(engine)  # another trainable set, or new shapes (adaptive rank)
         value = self._read(engine)
         changed = value != self.anchor
         self.anchor[changed] = value[changed]
