@@ -93,8 +93,13 @@ def _train_main(common: list[str], plan: list, out: dict) -> None:
         else:
             current.append(name)
             out[name] = []
+            cfg = load_config(None, [*common, *overrides])
+            # The launcher's stage would contradict the next run's engine: this process stands for
+            # one launch per run.
+            if cfg.distributed.deepspeed.startswith("zero"):
+                os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = cfg.distributed.deepspeed[-1:]
             # Not train(): its Accelerator.end_training destroys the process group the next run uses.
-            Trainer(load_config(None, [*common, *overrides])).fit()
+            Trainer(cfg).fit()
         # Accelerate's state (the DeepSpeed plugin) is one per process: the next run sets its own.
         AcceleratorState._reset_state()
 
