@@ -12,7 +12,7 @@ sweep:
     model: {name: micro}
     data: {seq_len: 32, batch_size: 4, embedded_sentences: 2000, embedded_vocab: 300}
     train: {max_steps: 4}
-    logging: {log_every: 1, eval_every: 2, eval_batches: 1, progress: false, tensorboard: false, dynamics_every: 2}
+    logging: {log_every: 1, eval_every: 2, eval_batches: 1, progress: false, tensorboard: false}
     schedule: {warmup_steps: 1}
   runs:
     full: {strategy: {name: full}}
