@@ -48,7 +48,7 @@ class DataConfig:
     source: str = "embedded"  # "embedded" (generated corpus) or a directory from `lrpt data prepare`
     seq_len: int = 128
     batch_size: int = 16  # sequences per micro-batch per process
-    embedded_sentences: int = 60000  # size of the generated corpus (source=embedded)
+    embedded_sentences: int = 60000  # generated corpus size (source=embedded); minimal pairs: 1 per 300 sentences per phenomenon, 20-200
     embedded_vocab: int = 1024  # BPE vocabulary trained on the generated corpus
 
 

@@ -23,6 +23,14 @@ EMBEDDED_VAL_FRACTION = 0.05
 EMBEDDED_PAIRS_PER_PHENOMENON = 200
 
 
+def pairs_per_phenomenon(sentences: int) -> int:
+    """Minimal pairs per phenomenon: 200 for the default corpus, fewer for a small one (20 at
+    2,000 sentences). Scoring them is a forward pass over every pair at every evaluation and
+    at the end of each run: a quick run on a small corpus would spend more time there than
+    training (1,000 pairs cost about 70 training steps of micro)."""
+    return min(EMBEDDED_PAIRS_PER_PHENOMENON, max(20, sentences // 300))
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LRPT_CACHE") or Path.home() / ".cache" / "lowrank-pretrain").expanduser()
 
@@ -44,7 +52,7 @@ def embedded_dataset(sentences: int, vocab_size: int, progress: bool = False) ->
     `$LRPT_CACHE` (default ~/.cache/lowrank-pretrain), named by a hash of everything it depends on."""
     key = json.dumps({"corpus": corpus.VERSION, "format": FORMAT_VERSION, "sentences": sentences,
                       "vocab": vocab_size, "seed": EMBEDDED_SEED, "val": EMBEDDED_VAL_FRACTION,
-                      "pairs": EMBEDDED_PAIRS_PER_PHENOMENON}, sort_keys=True)
+                      "pairs": pairs_per_phenomenon(sentences)}, sort_keys=True)
     root = cache_dir()
     out = root / f"embedded-{sentences}-{vocab_size}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (out / "index.json").is_file():
@@ -65,7 +73,7 @@ def embedded_dataset(sentences: int, vocab_size: int, progress: bool = False) ->
                            source=f"embedded corpus v{corpus.VERSION}, {sentences} sentences",
                            tokenizer_path=None, vocab_size=vocab_size, val_fraction=EMBEDDED_VAL_FRACTION,
                            seed=EMBEDDED_SEED, shard_tokens=2**24, progress=progress)
-            pairs = corpus.generate_minimal_pairs(EMBEDDED_PAIRS_PER_PHENOMENON, EMBEDDED_SEED)
+            pairs = corpus.generate_minimal_pairs(pairs_per_phenomenon(sentences), EMBEDDED_SEED)
             with open(tmp / "minimal_pairs.jsonl", "w") as f:
                 f.writelines(json.dumps(p) + "\n" for p in pairs)
             try:
