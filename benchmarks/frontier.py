@@ -80,7 +80,8 @@ def runs(size: str) -> dict[str, tuple[str, list[str], int]]:
     out["adaptive-b16"] = (relora, [*r16, "strategy.rank_budget=16"], 1)
     out["full-powersgd"] = (full, [*common, *two, "distributed.comm_hook=powersgd"], 2)
     out["relora-diloco"] = (relora, [*r16, *two, "distributed.sync=diloco",
-                                     f"distributed.diloco_inner_steps={s['diloco_h']}"], 2)
+                                     f"distributed.diloco_inner_steps={s['diloco_h']}",
+                                     "distributed.diloco_worker=process"], 2)
     return out
 
 
