@@ -24,4 +24,4 @@ mkdir -p "$OUT"
     --set "${SET[@]}" --strategies full "$RELORA" \
     "$RELORA,$DILOCO,distributed.diloco_worker=process" "$RELORA,$DILOCO,distributed.diloco_worker=node" \
     "full:$DILOCO,distributed.diloco_worker=node" | tee "$OUT/bench.json"
-"$LRPT" plot $(find "$OUT" -mindepth 2 -maxdepth 2 -name n4 | sort) --out "$OUT/plots"
+"$LRPT" plot $(find "$OUT" -mindepth 2 -maxdepth 2 -name 2x2 | sort) --out "$OUT/plots"

@@ -24,7 +24,7 @@ takes torch's fused AdamW step, one pass over its elements. The others take the 
 formula, with the small ones concatenated into flat batches (an element-wise op costs ~5 us
 per tensor on a CPU whatever its size) and masked writes done by lerp rather than
 torch.where (a scalar where is not vectorised). One host read per group and step finds out
-which tensors are which. Figures before and after: docs/log/frontier.md.
+which tensors are which. Figures before and after: docs/LOG.md (2026-12-03, frontier).
 """
 from __future__ import annotations
 
