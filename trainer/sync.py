@@ -215,9 +215,11 @@ class DiLoCo:
     # -- checkpoints: every rank's own slice -------------------------------------------------
     def state_dict(self) -> dict:
         """This rank's own slice [start, start + len(anchor)) of the flat trainable set (the
-        names and sizes say how it is flattened): different on every rank of a node."""
+        names and sizes say how it is flattened): different on every rank of a node. The
+        tensors are the live ones, as a module's state_dict gives them: the checkpoint layer
+        writes them in place or stages its own copy."""
         return {"names": list(self.names), "numels": list(self.numels), "start": self.start,
-                "anchor": self.anchor.cpu().clone(), "momentum": self.momentum.cpu().clone()}
+                "anchor": self.anchor, "momentum": self.momentum}
 
     def load_state_dict(self, slices: list[dict]) -> None:
         """This rank's slice from saved slices (`state_dict()` of the ranks that saved, any
